@@ -1,0 +1,61 @@
+"""Engine start-up options: a small dataclass turned into SGLang ``ServerArgs``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+DEFAULT_MAX_NUM_TOKENS = 8192
+DEFAULT_MAX_RUNNING_REQUESTS = 256
+
+
+@dataclass
+class EngineConfig:
+    """What the runtime needs to start a ModelRunner for one checkpoint directory.
+
+    ``max_num_tokens`` is the token budget: the KV pool holds this many tokens and one
+    ``ModelRunner.forward`` never carries more; larger calls are split.
+    """
+
+    model_path: str
+    architecture: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    tp_size: int = 1
+    max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
+    max_sequence_length: int = 512
+    attention_backend: Optional[str] = None
+    random_seed: int = 0
+    # Passed through to ServerArgs unchanged (SGLang field names).
+    engine_options: Dict[str, Any] = field(default_factory=dict)
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend:
+            return self.attention_backend
+        return "torch_native" if self.device == "cpu" else "triton"
+
+    def server_args_kwargs(self, dist_port: int) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = dict(
+            model_path=self.model_path,
+            device=self.device,
+            dtype=self.dtype,
+            tp_size=self.tp_size,
+            attention_backend=self.resolved_attention_backend(),
+            disable_cuda_graph=True,
+            disable_radix_cache=True,  # prefix reuse is wrong for a bidirectional encoder
+            chunked_prefill_size=-1,  # so is chunked prefill
+            is_embedding=True,
+            skip_tokenizer_init=True,
+            load_format="dummy",  # weights are loaded by the bridge (safetensors / weights_only)
+            max_total_tokens=self.max_num_tokens,
+            mem_fraction_static=0.9,  # the pool is capped by max_total_tokens anyway
+            max_running_requests=self.max_running_requests,
+            context_length=self.max_sequence_length,
+            json_model_override_args='{"architectures": ["%s"]}' % self.architecture,
+            random_seed=self.random_seed,
+            nccl_port=dist_port,
+            log_level="error",
+        )
+        kwargs.update(self.engine_options)
+        return kwargs

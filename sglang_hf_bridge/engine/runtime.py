@@ -1,0 +1,208 @@
+"""EncoderRuntime: the one object that owns an SGLang ModelRunner (start, forward, close).
+
+The runtime knows nothing about transformers' ``PreTrainedModel``; callers describe work as an
+:class:`~sglang_hf_bridge.engine.types.EncoderCall` and get an
+:class:`~sglang_hf_bridge.engine.types.EncoderResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+from .. import compat
+from .config import EngineConfig
+from .scheduler import plan_chunks
+from .types import EncoderCall, EncoderResult, PassInputs, QueryOnlyTokens, SequenceResult
+
+logger = logging.getLogger(__name__)
+
+WeightIterator = Iterable[Tuple[str, torch.Tensor]]
+
+
+class EngineClosedError(RuntimeError):
+    pass
+
+
+class EncoderRuntime:
+    """Lifecycle: ``start(weights)`` -> ``forward(call)``* -> ``close()``."""
+
+    def __init__(self, config: EngineConfig, model_class, rank: int = 0, dist_port: Optional[int] = None):
+        self.config = config
+        self.model_class = model_class
+        self.rank = rank
+        self.dist_port = dist_port
+        self.model_runner = None
+        self.model = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def started(self) -> bool:
+        return self.model_runner is not None and not self._closed
+
+    def start(self, weights: WeightIterator) -> "EncoderRuntime":
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.distributed import bootstrap
+        from sglang.srt.model_executor.model_runner import ModelRunner
+        from sglang.srt.models.registry import ModelRegistry
+        from sglang.srt.runtime_context import SpawnRanks, publish
+        from sglang.srt.server_args import ServerArgs
+
+        cfg = self.config
+        compat.prepare_process(cfg.device, cfg.tp_size)
+        ModelRegistry.models[cfg.architecture] = self.model_class
+        port = self.dist_port or compat.free_local_port()
+        server_args = ServerArgs(**cfg.server_args_kwargs(port))
+        publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=self.rank, gpu_id=self.rank))
+        compat.init_process_global_configs()
+        model_config = ModelConfig.from_server_args(server_args)
+        compat.init_parallel_runtime_once(bootstrap, server_args, cfg.device, port, cfg.tp_size)
+        bootstrap.init_layer_runtime(model_config=model_config)
+        mr = ModelRunner(
+            model_config=model_config,
+            mem_fraction_static=0.9,
+            gpu_id=self.rank,
+            nccl_port=port,
+            server_args=server_args,
+        )
+        mr.alloc_memory_pool()
+        mr.init_attention_backends()
+        mr.init_cuda_graphs()
+        self.model_runner = mr
+        self.model = mr.model
+        self.load_weights(weights)
+        return self
+
+    def load_weights(self, weights: WeightIterator) -> None:
+        """Load HF-named tensors; every engine parameter must be filled."""
+        loaded = self.model.load_weights(weights)
+        missing = sorted(self.model.expected_loaded_names() - set(loaded))
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors for: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        mr, self.model_runner, self.model = self.model_runner, None, None
+        if mr is not None:
+            del mr
+            compat.release_parallel_runtime()
+
+    # ------------------------------------------------------------------ pools
+    def pool_stats(self) -> Dict[str, int]:
+        mr = self._runner()
+        return {
+            "free_request_rows": mr.req_to_token_pool.available_size(),
+            "free_kv_slots": mr.token_to_kv_pool_allocator.available_size(),
+        }
+
+    def _runner(self):
+        if self._closed or self.model_runner is None:
+            raise EngineClosedError("the SGLang engine of this model is closed")
+        return self.model_runner
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward(self, call: EncoderCall) -> EncoderResult:
+        mr = self._runner()
+        results: List[SequenceResult] = [None] * len(call.sequences)  # type: ignore[list-item]
+        budget = min(self.config.max_num_tokens, mr.token_to_kv_pool_allocator.available_size())
+        rows = min(self.config.max_running_requests, mr.req_to_token_pool.available_size())
+        for chunk in plan_chunks([len(s.input_ids) for s in call.sequences], budget, rows):
+            for idx, res in zip(chunk, self._forward_chunk(mr, call, chunk)):
+                results[idx] = res
+        return EncoderResult(sequences=results)
+
+    def _forward_chunk(self, mr, call: EncoderCall, chunk: List[int]) -> List[SequenceResult]:
+        from .batch import ExtendBatch
+
+        seqs = [call.sequences[i] for i in chunk]
+        device = mr.device
+        lens = [len(s.input_ids) for s in seqs]
+        starts = [0]
+        for n in lens[:-1]:
+            starts.append(starts[-1] + n)
+        pass_inputs = PassInputs(
+            position_ids=_flat([s.position_ids for s in seqs], device),
+            token_type_ids=_flat([s.token_type_ids or [0] * n for s, n in zip(seqs, lens)], device),
+            collect_hidden_states=call.output_hidden_states,
+            query_only=_query_only_tokens(seqs, starts, device),
+        )
+        with ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
+            self.model.pass_inputs = pass_inputs
+            try:
+                out = mr.forward(fb).logits_output
+            finally:
+                self.model.pass_inputs = None
+        hidden = out if isinstance(out, torch.Tensor) else getattr(out, "embeddings", out)
+        return self._split_results(call, seqs, starts, lens, hidden, pass_inputs)
+
+    def _split_results(self, call, seqs, starts, lens, hidden, p: PassInputs) -> List[SequenceResult]:
+        vocab_ids = None
+        if call.vocab_ids is not None:
+            vocab_ids = torch.as_tensor(call.vocab_ids, dtype=torch.long, device=hidden.device)
+        # Gather every position that needs the LM head and run it once for the whole chunk.
+        if call.logits == "all":
+            head_rows = torch.arange(hidden.shape[0], device=hidden.device)
+        elif call.logits == "selected":
+            idx = [st + pos for s, st in zip(seqs, starts) for pos in (s.logit_positions or [])]
+            head_rows = torch.as_tensor(idx, dtype=torch.long, device=hidden.device)
+        else:
+            head_rows = None
+        logits = None
+        if head_rows is not None and head_rows.numel() > 0:
+            logits = self.model.compute_logits(hidden[head_rows], vocab_ids)
+        qo_logits = None
+        if p.query_only_last is not None and call.logits != "none":
+            qo_logits = self.model.compute_logits(p.query_only_last, vocab_ids)
+
+        results, offset, qo_offset = [], 0, 0
+        for s, st, n in zip(seqs, starts, lens):
+            r = SequenceResult()
+            if logits is not None:
+                k = n if call.logits == "all" else len(s.logit_positions or [])
+                r.logits = logits[offset : offset + k]
+                offset += k
+            if call.output_hidden_states:
+                r.hidden_states = [h[st : st + n] for h in p.hidden_states]
+            if call.return_last_hidden:
+                r.last_hidden = hidden[st : st + n]
+            nq = len(s.query_only or [])
+            if nq:
+                if qo_logits is not None:
+                    r.query_only_logits = qo_logits[qo_offset : qo_offset + nq]
+                if call.output_hidden_states:
+                    r.query_only_hidden_states = [h[qo_offset : qo_offset + nq] for h in p.query_only_hidden_states]
+                qo_offset += nq
+            results.append(r)
+        return results
+
+
+def _flat(lists: List[List[int]], device) -> torch.Tensor:
+    flat = [x for lst in lists for x in lst]
+    return torch.tensor(flat, dtype=torch.long, device=device)
+
+
+def _query_only_tokens(seqs, starts, device) -> Optional[QueryOnlyTokens]:
+    specs = [(i, q) for i, s in enumerate(seqs) for q in (s.query_only or [])]
+    if not specs:
+        return None
+    lmax = max(len(seqs[i].input_ids) for i, _ in specs)
+    key_index = torch.zeros((len(specs), lmax), dtype=torch.long)
+    key_mask = torch.zeros((len(specs), lmax), dtype=torch.bool)
+    for j, (i, _) in enumerate(specs):
+        n = len(seqs[i].input_ids)
+        key_index[j, :n] = torch.arange(starts[i], starts[i] + n)
+        key_mask[j, :n] = True
+    return QueryOnlyTokens(
+        input_ids=torch.tensor([q.input_id for _, q in specs], dtype=torch.long, device=device),
+        position_ids=torch.tensor([q.position_id for _, q in specs], dtype=torch.long, device=device),
+        token_type_ids=torch.tensor([q.token_type_id for _, q in specs], dtype=torch.long, device=device),
+        key_index=key_index.to(device),
+        key_mask=key_mask.to(device),
+    )

@@ -1,0 +1,87 @@
+"""The named interface between the HF face and the engine: what one engine call takes and gives.
+
+Everything here is plain tensors and lists; nothing knows about transformers' ``PreTrainedModel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class QueryOnlyTokens:
+    """Tokens that attend to a sequence but are not attended to (HF's padded positions).
+
+    ``key_index[j]`` lists, for query-only token j, flat indices of the real tokens it attends
+    to (padded with 0 where ``key_mask`` is False).
+    """
+
+    input_ids: torch.Tensor  # [P]
+    position_ids: torch.Tensor  # [P]
+    token_type_ids: torch.Tensor  # [P]
+    key_index: torch.Tensor  # [P, Lmax] long
+    key_mask: torch.Tensor  # [P, Lmax] bool
+
+
+@dataclass
+class PassInputs:
+    """Per-token side inputs of one ``ModelRunner.forward``, read by the SGLang-side model."""
+
+    position_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    collect_hidden_states: bool = False
+    query_only: Optional[QueryOnlyTokens] = None
+    # outputs the model fills in
+    hidden_states: Optional[List[torch.Tensor]] = None
+    query_only_hidden_states: Optional[List[torch.Tensor]] = None
+    query_only_last: Optional[torch.Tensor] = None
+
+
+@dataclass
+class EncoderSequence:
+    """One sequence as the engine sees it: real tokens only, HF position/type ids."""
+
+    input_ids: List[int]
+    position_ids: List[int]
+    token_type_ids: Optional[List[int]] = None
+    # Positions (indices into this sequence) where logits are wanted; None = none.
+    logit_positions: Optional[List[int]] = None
+    # HF padded positions of this row that must be computed as query-only tokens.
+    query_only: Optional[List["QueryOnlySpec"]] = None
+    lora_id: Optional[str] = None
+
+
+@dataclass
+class QueryOnlySpec:
+    input_id: int
+    position_id: int
+    token_type_id: int = 0
+
+
+@dataclass
+class EncoderCall:
+    """One engine call: sequences plus what to compute for them."""
+
+    sequences: List[EncoderSequence]
+    # "all": logits for every real token; "selected": only at logit_positions; "none": no head.
+    logits: str = "selected"
+    vocab_ids: Optional[List[int]] = None
+    output_hidden_states: bool = False
+    return_last_hidden: bool = False
+
+
+@dataclass
+class SequenceResult:
+    logits: Optional[torch.Tensor] = None  # [n_positions, V'] for the requested positions
+    hidden_states: Optional[List[torch.Tensor]] = None  # per layer [len, H]
+    last_hidden: Optional[torch.Tensor] = None  # [len, H]
+    query_only_logits: Optional[torch.Tensor] = None  # [n_query_only, V']
+    query_only_hidden_states: Optional[List[torch.Tensor]] = None  # per layer [n_q, H]
+
+
+@dataclass
+class EncoderResult:
+    sequences: List[SequenceResult] = field(default_factory=list)

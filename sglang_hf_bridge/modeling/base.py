@@ -1,0 +1,211 @@
+"""Shared base of the HF-facing model classes: one :class:`EncoderRuntime` underneath.
+
+The face is thin: it validates HF-style inputs, asks the runtime for results through the
+engine's named interface (``EncoderCall`` / ``EncoderResult``) and shapes them like transformers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+
+from .. import log_control
+from ..engine.config import EngineConfig
+from ..engine.runtime import EncoderRuntime
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_tensor_names,
+    iter_checkpoint_tensors,
+    locate_checkpoint,
+    require_masked_lm_head,
+    validate_masked_lm_config,
+)
+
+_LIVE_MODELS: "weakref.WeakSet[SGLangPreTrainedModel]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_models() -> None:
+    for model in list(_LIVE_MODELS):
+        model.close()
+
+
+class InferenceOnlyError(RuntimeError):
+    pass
+
+
+class _InferenceOnlyGrad(torch.autograd.Function):
+    """Identity whose backward explains why there is no gradient instead of failing obscurely."""
+
+    @staticmethod
+    def forward(ctx, tensor, guard):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise InferenceOnlyError(
+            "SGLang-backed models are inference-only: their forward runs on the SGLang engine, "
+            "which builds no autograd graph. Train with forward-only methods (MeZO), or load the "
+            "checkpoint into transformers' own class for backpropagation."
+        )
+
+
+def _resolve_dtype(dtype, config) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
+    return device
+
+
+class SGLangPreTrainedModel(PreTrainedModel):
+    """PreTrainedModel whose weights live in an SGLang ModelRunner, not in torch parameters."""
+
+    base_model_prefix = "roberta"
+    sglang_architecture: str = ""
+    sglang_model_class: Any = None
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def __init__(self, config, runtime: Optional[EncoderRuntime] = None):
+        super().__init__(config)
+        self._runtime = runtime
+        self._engine_device = torch.device("cpu")
+        self._engine_dtype = torch.float32
+        # A zero-size parameter lets .backward() reach _InferenceOnlyGrad with a clear message.
+        self._inference_only_guard = nn.Parameter(torch.zeros(0))
+        _LIVE_MODELS.add(self)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, "os.PathLike"],
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        tp_size: int = 1,
+        max_num_tokens: Optional[int] = None,
+        **engine_options: Any,
+    ):
+        """Load a local HF masked-LM checkpoint onto a new SGLang engine.
+
+        ``max_num_tokens`` is the engine's token budget (KV pool size and the largest batch one
+        engine pass carries); larger calls are split. ``engine_options`` go to SGLang's
+        ``ServerArgs`` unchanged.
+        """
+        files = locate_checkpoint(pretrained_model_name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(files.directory, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raise with the path named
+            raise CheckpointError(f"cannot read config.json in {files.directory!r}: {e}") from e
+        validate_masked_lm_config(config)
+        require_masked_lm_head(checkpoint_tensor_names(files), files.directory)
+        torch_dtype = _resolve_dtype(dtype, config)
+        torch_device = _resolve_device(device)
+        if not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
+        if tp_size != 1:
+            raise NotImplementedError("tensor parallelism (tp_size > 1) is not available yet")
+        engine_config = EngineConfig(
+            model_path=files.directory,
+            architecture=cls.sglang_architecture,
+            device=torch_device.type,
+            dtype=str(torch_dtype).replace("torch.", ""),
+            tp_size=tp_size,
+            max_sequence_length=config.max_position_embeddings - config.pad_token_id - 1,
+            engine_options=dict(engine_options),
+        )
+        if max_num_tokens is not None:
+            if max_num_tokens < engine_config.max_sequence_length:
+                raise ValueError(
+                    f"max_num_tokens={max_num_tokens} is smaller than one full-length sequence "
+                    f"({engine_config.max_sequence_length} tokens)"
+                )
+            engine_config.max_num_tokens = int(max_num_tokens)
+        engine_config.max_num_tokens = max(engine_config.max_num_tokens, engine_config.max_sequence_length)
+        with log_control.quiet_sglang():
+            runtime = EncoderRuntime(engine_config, cls.sglang_model_class)
+            try:
+                runtime.start(iter_checkpoint_tensors(files, progress=log_control.progress_enabled()))
+            except BaseException:
+                runtime.close()
+                raise
+        model = cls(config, runtime=runtime)
+        model._engine_device = torch_device
+        model._engine_dtype = torch_dtype
+        model.name_or_path = files.directory
+        model.config.name_or_path = files.directory
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def runtime(self) -> EncoderRuntime:
+        if self._runtime is None or not self._runtime.started:
+            raise RuntimeError(f"{type(self).__name__} has no running engine (closed, or not loaded with from_pretrained)")
+        return self._runtime
+
+    def close(self) -> None:
+        """Stop the engine and free its memory. The model is unusable afterwards."""
+        runtime, self._runtime = getattr(self, "_runtime", None), None
+        if runtime is not None:
+            runtime.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def engine_pool_stats(self):
+        """Free request rows and KV slots of the engine (they are all free between calls)."""
+        return self.runtime.pool_stats()
+
+    # ------------------------------------------------------------------ torch / HF surface
+    @property
+    def device(self) -> torch.device:
+        return self._engine_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._engine_dtype
+
+    def to(self, *args, **kwargs):
+        """Moving an engine-backed model is a no-op; pick ``device``/``dtype`` at load time."""
+        return self
+
+    def cuda(self, *args, **kwargs):
+        return self
+
+    def cpu(self):
+        return self
+
+    def _init_weights(self, module):
+        pass
+
+    def get_input_embeddings(self):
+        raise NotImplementedError("the embeddings live inside the SGLang engine")
+
+    def _guard(self, tensor: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return _InferenceOnlyGrad.apply(tensor, self._inference_only_guard)
+        return tensor

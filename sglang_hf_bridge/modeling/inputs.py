@@ -1,0 +1,139 @@
+"""Validating HF-style padded inputs and turning them into ragged engine sequences (and back).
+
+A row's real tokens are its ``attention_mask == 1`` positions. Padded positions are not run as
+tokens: HF masks them as keys only, so every padded position with the same (token, position,
+type) in a row has the same output; the engine computes one "query-only" token per distinct
+triple (normally one per padded row) and the result is copied to those positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..engine.types import EncoderSequence, QueryOnlySpec
+
+
+class InputValidationError(ValueError):
+    """Inputs the model cannot run (shapes, dtypes, ids, lengths)."""
+
+
+@dataclass
+class PreparedBatch:
+    sequences: List[EncoderSequence]
+    real_index: List[torch.Tensor]  # per row: column indices of real tokens
+    padded_groups: List[List[Tuple[int, torch.Tensor]]]  # per row: (query-only slot, columns)
+    shape: Tuple[int, int]
+
+
+def _as_2d_long(name: str, value, shape=None, allow_broadcast_rows: bool = False) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except Exception as e:  # noqa: BLE001 - report what the user passed
+            raise InputValidationError(f"{name} must be a tensor of integers, got {type(value).__name__}") from e
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool and name != "attention_mask":
+        raise InputValidationError(f"{name} must hold integers, got dtype {value.dtype}")
+    if value.dim() != 2:
+        raise InputValidationError(f"{name} must have shape [batch, seq_len], got {tuple(value.shape)}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        if not (allow_broadcast_rows and value.shape[0] == 1 and value.shape[1] == shape[1]):
+            raise InputValidationError(
+                f"{name} has shape {tuple(value.shape)} but input_ids has shape {tuple(shape)}"
+            )
+        value = value.expand(shape)
+    return value.to("cpu", torch.long)
+
+
+def create_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """RoBERTa's position ids: real tokens count from padding_idx + 1, pad tokens get padding_idx."""
+    mask = input_ids.ne(padding_idx).long()
+    return torch.cumsum(mask, dim=1) * mask + padding_idx
+
+
+def validate_and_prepare(
+    config,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    with_query_only: bool = True,
+) -> Tuple[PreparedBatch, torch.Tensor]:
+    """Check everything HF would trip over (or silently index out of range) and build the
+    engine's ragged sequences. Returns the batch and the [B, T] 0/1 attention mask."""
+    ids = _as_2d_long("input_ids", input_ids)
+    if ids is None:
+        raise InputValidationError("input_ids is required (inputs_embeds is not supported)")
+    B, T = ids.shape
+    if B == 0:
+        raise InputValidationError("empty batch: input_ids has no rows")
+    if T == 0:
+        raise InputValidationError("empty sequence: input_ids has no columns")
+    vocab = config.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        bad = ids[(ids < 0) | (ids >= vocab)][0].item()
+        raise InputValidationError(f"token id {bad} is out of the vocabulary [0, {vocab})")
+    mask = _as_2d_long("attention_mask", attention_mask, (B, T))
+    if mask is None:
+        mask = torch.ones_like(ids)
+    elif not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputValidationError("attention_mask must contain only 0 and 1")
+    types = _as_2d_long("token_type_ids", token_type_ids, (B, T))
+    if types is None:
+        types = torch.zeros_like(ids)
+    elif int(types.min()) < 0 or int(types.max()) >= config.type_vocab_size:
+        raise InputValidationError(f"token_type_ids must lie in [0, {config.type_vocab_size})")
+    pos = _as_2d_long("position_ids", position_ids, (B, T), allow_broadcast_rows=True)
+    if pos is None:
+        pos = create_position_ids(ids, config.pad_token_id)
+    max_pos = config.max_position_embeddings
+    if int(pos.min()) < 0 or int(pos.max()) >= max_pos:
+        limit = max_pos - config.pad_token_id - 1
+        raise InputValidationError(
+            f"sequence too long: position id {int(pos.max())} does not fit max_position_embeddings={max_pos} "
+            f"(at most {limit} tokens per sequence for this model)"
+        )
+    lengths = mask.sum(dim=1)
+    if int(lengths.min()) == 0:
+        row = int((lengths == 0).nonzero()[0])
+        raise InputValidationError(f"row {row} has no tokens (attention_mask is all zeros)")
+
+    sequences, real_index, groups = [], [], []
+    for b in range(B):
+        real = mask[b].nonzero().flatten()
+        specs: List[QueryOnlySpec] = []
+        row_groups: List[Tuple[int, torch.Tensor]] = []
+        if with_query_only and len(real) < T:
+            pads = (mask[b] == 0).nonzero().flatten()
+            keyed: Dict[Tuple[int, int, int], List[int]] = {}
+            for col in pads.tolist():
+                keyed.setdefault((int(ids[b, col]), int(pos[b, col]), int(types[b, col])), []).append(col)
+            for (tok, p, tt), cols in keyed.items():
+                row_groups.append((len(specs), torch.tensor(cols)))
+                specs.append(QueryOnlySpec(tok, p, tt))
+        sequences.append(
+            EncoderSequence(
+                input_ids=ids[b, real].tolist(),
+                position_ids=pos[b, real].tolist(),
+                token_type_ids=types[b, real].tolist(),
+                query_only=specs or None,
+            )
+        )
+        real_index.append(real)
+        groups.append(row_groups)
+    return PreparedBatch(sequences, real_index, groups, (B, T)), mask
+
+
+def scatter_rows(prepared: PreparedBatch, per_row_real, per_row_query, width: int, dtype, fill=0.0) -> torch.Tensor:
+    """Rebuild a padded ``[B, T, width]`` tensor from per-row real-token and query-only values."""
+    B, T = prepared.shape
+    out = torch.full((B, T, width), fill, dtype=dtype)
+    for b in range(B):
+        out[b, prepared.real_index[b]] = per_row_real[b].to(dtype)
+        for slot, cols in prepared.padded_groups[b]:
+            out[b, cols] = per_row_query[b][slot].to(dtype)
+    return out

@@ -1,0 +1,42 @@
+"""Engine weights -> an HF masked-LM checkpoint, through the SGLang model's name table."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+from ..sglang_models.roberta_mlm import engine_to_checkpoint_names
+from .checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
+
+
+def engine_state_dict(engine_model, config) -> Dict[str, torch.Tensor]:
+    """HF-named tensors (``roberta.`` prefix, q/k/v unfused) copied from the engine's weights."""
+    state: Dict[str, torch.Tensor] = {}
+    H = config.hidden_size
+    for engine_name, param in engine_model.named_parameters():
+        targets = engine_to_checkpoint_names(engine_name)
+        if not targets:
+            continue
+        tensor = param.detach().to("cpu")
+        if engine_name == "embeddings.word_embeddings.weight" or engine_name == "lm_head.bias":
+            tensor = tensor[: config.vocab_size]
+        for ckpt_name, shard in targets:
+            value = tensor
+            if shard is not None:
+                offset = {"q": 0, "k": 1, "v": 2}[shard] * H
+                value = tensor[offset : offset + H]
+            full = ckpt_name if ckpt_name.startswith("lm_head.") else "roberta." + ckpt_name
+            state[full] = value.clone()
+    return state
+
+
+def save_engine_checkpoint(model, save_directory) -> None:
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
+    engine_model = model.runtime.model
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.architectures = [SUPPORTED_MODEL_TYPES[config.model_type]]
+    config.dtype = str(model.dtype).replace("torch.", "")
+    write_safetensors(engine_state_dict(engine_model, config), save_directory, config)

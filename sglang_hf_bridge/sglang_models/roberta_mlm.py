@@ -1,0 +1,325 @@
+"""SGLang-side RoBERTa masked-LM model (RoBERTa, XLM-RoBERTa, CamemBERT share it).
+
+SGLang 0.5.23 ships no masked-LM head, and its stock BERT/RoBERTa modules are named
+``encoder.layer.N.attention.self.query``, which its LoRA machinery cannot target. This file
+builds the same post-LayerNorm encoder from SGLang's parallel layers with LoRA-targetable names
+(``layers.N.self_attn.qkv_proj``, ``o_proj``, ``mlp.up_proj``, ``mlp.down_proj``) and maps HF
+checkpoint names onto them through the explicit :data:`CHECKPOINT_TO_ENGINE` table.
+
+Per-call inputs the engine cannot express through ``ForwardBatch`` (HF position ids, token type
+ids, "query-only" tokens standing for padded positions, hidden-state collection) arrive as an
+:class:`~sglang_hf_bridge.engine.types.PassInputs` placed on ``model.pass_inputs`` by the runtime
+right before ``ModelRunner.forward``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
+
+from .lm_head import MaskedLMHead
+
+# HF checkpoint name (after stripping the ``roberta.``/``camembert.`` prefix) -> engine name.
+# ``{i}`` is the layer index. The q/k/v entries carry the shard id of the fused qkv_proj.
+CHECKPOINT_TO_ENGINE: List[Tuple[str, str, Optional[str]]] = [
+    ("embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight", None),
+    ("embeddings.position_embeddings.weight", "embeddings.position_embeddings.weight", None),
+    ("embeddings.token_type_embeddings.weight", "embeddings.token_type_embeddings.weight", None),
+    ("embeddings.LayerNorm.weight", "embeddings.layer_norm.weight", None),
+    ("embeddings.LayerNorm.bias", "embeddings.layer_norm.bias", None),
+    ("encoder.layer.{i}.attention.self.query.weight", "layers.{i}.self_attn.qkv_proj.weight", "q"),
+    ("encoder.layer.{i}.attention.self.query.bias", "layers.{i}.self_attn.qkv_proj.bias", "q"),
+    ("encoder.layer.{i}.attention.self.key.weight", "layers.{i}.self_attn.qkv_proj.weight", "k"),
+    ("encoder.layer.{i}.attention.self.key.bias", "layers.{i}.self_attn.qkv_proj.bias", "k"),
+    ("encoder.layer.{i}.attention.self.value.weight", "layers.{i}.self_attn.qkv_proj.weight", "v"),
+    ("encoder.layer.{i}.attention.self.value.bias", "layers.{i}.self_attn.qkv_proj.bias", "v"),
+    ("encoder.layer.{i}.attention.output.dense.weight", "layers.{i}.self_attn.o_proj.weight", None),
+    ("encoder.layer.{i}.attention.output.dense.bias", "layers.{i}.self_attn.o_proj.bias", None),
+    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layers.{i}.attn_norm.weight", None),
+    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layers.{i}.attn_norm.bias", None),
+    ("encoder.layer.{i}.intermediate.dense.weight", "layers.{i}.mlp.up_proj.weight", None),
+    ("encoder.layer.{i}.intermediate.dense.bias", "layers.{i}.mlp.up_proj.bias", None),
+    ("encoder.layer.{i}.output.dense.weight", "layers.{i}.mlp.down_proj.weight", None),
+    ("encoder.layer.{i}.output.dense.bias", "layers.{i}.mlp.down_proj.bias", None),
+    ("encoder.layer.{i}.output.LayerNorm.weight", "layers.{i}.ffn_norm.weight", None),
+    ("encoder.layer.{i}.output.LayerNorm.bias", "layers.{i}.ffn_norm.bias", None),
+    ("lm_head.dense.weight", "lm_head.dense.weight", None),
+    ("lm_head.dense.bias", "lm_head.dense.bias", None),
+    ("lm_head.layer_norm.weight", "lm_head.layer_norm.weight", None),
+    ("lm_head.layer_norm.bias", "lm_head.layer_norm.bias", None),
+    ("lm_head.bias", "lm_head.bias", None),
+]
+
+# Checkpoint names that are accepted and deliberately not loaded.
+IGNORED_CHECKPOINT_NAMES = (
+    re.compile(r"^lm_head\.decoder\.(weight|bias)$"),  # tied to word embeddings / lm_head.bias
+    re.compile(r"^embeddings\.position_ids$"),
+    re.compile(r"^pooler\."),
+)
+
+BASE_MODEL_PREFIXES = ("roberta.", "camembert.", "xlm_roberta.")
+
+
+def _compile_table():
+    table = []
+    for ckpt, engine, shard in CHECKPOINT_TO_ENGINE:
+        pattern = re.compile("^" + re.escape(ckpt).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+        table.append((pattern, engine, shard))
+    return table
+
+
+_COMPILED_TABLE = _compile_table()
+
+
+def checkpoint_to_engine_name(name: str) -> Optional[Tuple[str, Optional[str]]]:
+    """Map one HF checkpoint tensor name to ``(engine_name, shard_id)``; None if ignored.
+
+    Raises KeyError for a name that is neither mapped nor deliberately ignored, so unexpected
+    tensors are never dropped silently.
+    """
+    for prefix in BASE_MODEL_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    for pattern in IGNORED_CHECKPOINT_NAMES:
+        if pattern.match(name):
+            return None
+    for pattern, engine, shard in _COMPILED_TABLE:
+        m = pattern.match(name)
+        if m:
+            return engine.format(i=m.groupdict().get("i")), shard
+    raise KeyError(name)
+
+
+def engine_to_checkpoint_names(engine_name: str) -> List[Tuple[str, Optional[str]]]:
+    """Inverse of the table: the HF names (without base prefix) that fill ``engine_name``."""
+    out = []
+    for ckpt, engine, shard in CHECKPOINT_TO_ENGINE:
+        pattern = re.compile("^" + re.escape(engine).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+        m = pattern.match(engine_name)
+        if m:
+            out.append((ckpt.format(i=m.groupdict().get("i")), shard))
+    return out
+
+
+class RobertaEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm. Position ids come from the caller."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids, position_ids, token_type_ids):
+        x = self.word_embeddings(input_ids)
+        x = x + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        return self.layer_norm(x)
+
+
+class RobertaSelfAttention(nn.Module):
+    def __init__(self, config, layer_id: int, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.total_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.total_heads
+        self.num_heads = self.total_heads // tp
+        self.q_size = self.num_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size=config.hidden_size,
+            head_size=self.head_dim,
+            total_num_heads=self.total_heads,
+            total_num_kv_heads=self.total_heads,
+            bias=True,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.attn = RadixAttention(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            scaling=self.scaling,
+            num_kv_heads=self.num_heads,
+            layer_id=layer_id,
+            prefix=f"{prefix}.attn",
+            attn_type=AttentionType.ENCODER_ONLY,
+        )
+        self.o_proj = RowParallelLinear(
+            input_size=config.hidden_size,
+            output_size=config.hidden_size,
+            bias=True,
+            prefix=f"{prefix}.o_proj",
+        )
+
+    def forward(self, x, forward_batch: ForwardBatch, query_only=None):
+        qkv, _ = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.q_size, self.q_size], dim=-1)
+        out = self.attn(q, k, v, forward_batch)
+        out, _ = self.o_proj(out)
+        if query_only is None:
+            return out, None
+        return out, self._query_only_attention(query_only, k, v)
+
+    def _query_only_attention(self, query_only, k, v):
+        """Attention of padded positions: they query the real tokens of their row, nobody
+        queries them (HF masks them as keys only). Uses base weights (no LoRA)."""
+        states, key_index, key_mask = query_only
+        qkv = _base_linear(self.qkv_proj, states)
+        q = qkv[:, : self.q_size].view(-1, self.num_heads, 1, self.head_dim)
+        keys = k[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
+        values = v[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
+        mask = key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+        out = out.reshape(-1, self.q_size)
+        return _base_linear(self.o_proj, out)
+
+
+def _base_linear(layer, x):
+    """Apply a (possibly LoRA-wrapped) SGLang linear layer's base weights to extra rows."""
+    base = getattr(layer, "base_layer", layer)
+    out, _ = base(x)
+    return out
+
+
+class RobertaMLP(nn.Module):
+    def __init__(self, config, prefix: str):
+        super().__init__()
+        self.up_proj = ColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, bias=True, prefix=f"{prefix}.up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=True, prefix=f"{prefix}.down_proj"
+        )
+        if config.hidden_act not in ("gelu", "gelu_python"):
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only 'gelu')")
+
+    def forward(self, x, base_only: bool = False):
+        up = _base_linear(self.up_proj, x) if base_only else self.up_proj(x)[0]
+        h = F.gelu(up)
+        return _base_linear(self.down_proj, h) if base_only else self.down_proj(h)[0]
+
+
+class RobertaLayer(nn.Module):
+    def __init__(self, config, layer_id: int, prefix: str):
+        super().__init__()
+        self.self_attn = RobertaSelfAttention(config, layer_id, prefix=f"{prefix}.self_attn")
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = RobertaMLP(config, prefix=f"{prefix}.mlp")
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x, forward_batch, query_only=None):
+        attn, qo_attn = self.self_attn(x, forward_batch, query_only)
+        x = self.attn_norm(attn + x)
+        x = self.ffn_norm(self.mlp(x) + x)
+        if query_only is None:
+            return x, None
+        states, key_index, key_mask = query_only
+        s = self.attn_norm(qo_attn + states)
+        s = self.ffn_norm(self.mlp(s, base_only=True) + s)
+        return x, (s, key_index, key_mask)
+
+
+class SGLangBridgeRobertaForMaskedLM(nn.Module):
+    """Encoder + masked-LM head. ``forward`` returns final hidden states ``[num_tokens, H]``;
+    the runtime applies :meth:`compute_logits` only where logits are wanted."""
+
+    def __init__(self, *, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        if quant_config is not None:
+            raise ValueError("quantized RoBERTa checkpoints are not supported")
+        if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+            raise ValueError("only absolute position embeddings are supported")
+        self.config = config
+        self.embeddings = RobertaEmbeddings(config)
+        self.layers = nn.ModuleList(
+            [RobertaLayer(config, i, prefix=f"layers.{i}") for i in range(config.num_hidden_layers)]
+        )
+        self.lm_head = MaskedLMHead(config, self.embeddings.word_embeddings)
+        self.pass_inputs = None  # set by the runtime for each ModelRunner.forward
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: Optional[torch.Tensor] = None,
+        get_embedding: bool = True,
+        **_,
+    ) -> torch.Tensor:
+        p = self.pass_inputs
+        if p is None:
+            raise RuntimeError("SGLangBridgeRobertaForMaskedLM needs pass_inputs from the runtime")
+        x = self.embeddings(input_ids, p.position_ids, p.token_type_ids)
+        qo = None
+        if p.query_only is not None:
+            q = p.query_only
+            qo = (self.embeddings(q.input_ids, q.position_ids, q.token_type_ids), q.key_index, q.key_mask)
+        p.hidden_states = [x] if p.collect_hidden_states else None
+        p.query_only_hidden_states = [qo[0]] if (qo is not None and p.collect_hidden_states) else None
+        for layer in self.layers:
+            x, qo = layer(x, forward_batch, qo)
+            if p.collect_hidden_states:
+                p.hidden_states.append(x)
+                if qo is not None:
+                    p.query_only_hidden_states.append(qo[0])
+        p.query_only_last = qo[0] if qo is not None else None
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None):
+        return self.lm_head(hidden, vocab_ids)
+
+    # --- LoRA support hooks (SGLang's LoRA manager calls these) ------------------------------
+    def get_hidden_dim(self, module_name: str, layer_idx: int):
+        h, i = self.config.hidden_size, self.config.intermediate_size
+        dims = {
+            "qkv_proj": (h, 3 * h),
+            "o_proj": (h, h),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+        if module_name not in dims:
+            raise NotImplementedError(f"LoRA on {module_name} is not supported")
+        return dims[module_name]
+
+    # --- weights ------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+        """Load HF-named tensors through :data:`CHECKPOINT_TO_ENGINE`. Returns loaded engine names."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            mapped = checkpoint_to_engine_name(name)
+            if mapped is None:
+                continue
+            engine_name, shard = mapped
+            if engine_name not in params:
+                raise KeyError(f"checkpoint tensor {name!r} maps to unknown engine parameter {engine_name!r}")
+            param = params[engine_name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(engine_name if shard is None else f"{engine_name}:{shard}")
+        return loaded
+
+    def expected_loaded_names(self):
+        names = set()
+        for engine_name, _ in self.named_parameters():
+            for _, shard in engine_to_checkpoint_names(engine_name):
+                names.add(engine_name if shard is None else f"{engine_name}:{shard}")
+        return names
+
+
+EntryClass = [SGLangBridgeRobertaForMaskedLM]
