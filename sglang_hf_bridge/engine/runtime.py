@@ -74,6 +74,7 @@ class EncoderRuntime:
         self.model_runner = mr
         self.model = mr.model
         self.load_weights(weights)
+        self.initial_pool_stats = self.pool_stats()
         return self
 
     def load_weights(self, weights: WeightIterator) -> None:

@@ -20,7 +20,7 @@ def engine_state_dict(engine_model, config) -> Dict[str, torch.Tensor]:
         if not targets:
             continue
         tensor = param.detach().to("cpu")
-        if engine_name == "embeddings.word_embeddings.weight" or engine_name == "lm_head.bias":
+        if engine_name in ("embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.bias"):
             tensor = tensor[: config.vocab_size]
         for ckpt_name, shard in targets:
             value = tensor
@@ -28,6 +28,8 @@ def engine_state_dict(engine_model, config) -> Dict[str, torch.Tensor]:
                 offset = {"q": 0, "k": 1, "v": 2}[shard] * H
                 value = tensor[offset : offset + H]
             full = ckpt_name if ckpt_name.startswith("lm_head.") else "roberta." + ckpt_name
+            if full == "lm_head.decoder.bias" and getattr(config, "tie_word_embeddings", True):
+                continue  # tied to lm_head.bias; HF does not store it
             state[full] = value.clone()
     return state
 

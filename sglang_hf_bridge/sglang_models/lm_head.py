@@ -18,6 +18,7 @@ from sglang.srt.distributed.communication_op import (
     tensor_model_parallel_all_reduce,
 )
 from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 
 class MaskedLMHead(nn.Module):
@@ -26,8 +27,12 @@ class MaskedLMHead(nn.Module):
         self.vocab_size = config.vocab_size
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        # Not registered as a submodule: the decoder is tied, the embedding owns the weight.
-        self._embedding = [word_embeddings]
+        if getattr(config, "tie_word_embeddings", True):
+            # Not registered as a submodule: the decoder is tied, the embedding owns the weight.
+            self._embedding = [word_embeddings]
+        else:
+            self.decoder = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+            self._embedding = [self.decoder]
         shard = word_embeddings.weight.shape[0]
         self.bias = nn.Parameter(torch.zeros(shard), requires_grad=False)
         self.bias.weight_loader = self._load_bias

@@ -59,11 +59,14 @@ CHECKPOINT_TO_ENGINE: List[Tuple[str, str, Optional[str]]] = [
     ("lm_head.layer_norm.weight", "lm_head.layer_norm.weight", None),
     ("lm_head.layer_norm.bias", "lm_head.layer_norm.bias", None),
     ("lm_head.bias", "lm_head.bias", None),
+    # Only for checkpoints with tie_word_embeddings=False: the engine model then owns a decoder,
+    # and HF's forward uses decoder.bias (not lm_head.bias) -- see load_weights.
+    ("lm_head.decoder.weight", "lm_head.decoder.weight", None),
+    ("lm_head.decoder.bias", "lm_head.bias", None),
 ]
 
 # Checkpoint names that are accepted and deliberately not loaded.
 IGNORED_CHECKPOINT_NAMES = (
-    re.compile(r"^lm_head\.decoder\.(weight|bias)$"),  # tied to word embeddings / lm_head.bias
     re.compile(r"^embeddings\.position_ids$"),
     re.compile(r"^pooler\."),
 )
@@ -297,8 +300,13 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
         """Load HF-named tensors through :data:`CHECKPOINT_TO_ENGINE`. Returns loaded engine names."""
         params = dict(self.named_parameters())
+        tied = getattr(self.config, "tie_word_embeddings", True)
+        # Tied: the decoder copies are redundant. Untied: HF uses decoder.bias, not lm_head.bias.
+        skip = {"lm_head.decoder.weight", "lm_head.decoder.bias"} if tied else {"lm_head.bias"}
         loaded = set()
         for name, tensor in weights:
+            if name in skip:
+                continue
             mapped = checkpoint_to_engine_name(name)
             if mapped is None:
                 continue

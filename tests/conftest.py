@@ -1,0 +1,97 @@
+"""Shared fixtures: small random-weight checkpoints built from configs, saved to disk, loaded
+back both by transformers (the oracle) and by the SGLang-backed model under test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import sglang_hf_bridge  # noqa: F401  (configures SGLang before anything imports it)
+from transformers import (
+    AutoTokenizer,
+    CamembertConfig,
+    CamembertForMaskedLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    XLMRobertaConfig,
+    XLMRobertaForMaskedLM,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SGLANG_HF_BRIDGE_SHARED", REPO.parent / "shared"))
+TOKENIZER_DIR = SHARED / "tokenizers" / "roberta-base-tokenizer"
+
+FAMILIES = {
+    "roberta": (RobertaConfig, RobertaForMaskedLM),
+    "xlm-roberta": (XLMRobertaConfig, XLMRobertaForMaskedLM),
+    "camembert": (CamembertConfig, CamembertForMaskedLM),
+}
+
+
+def small_config(family: str = "roberta", **overrides):
+    config_cls, _ = FAMILIES[family]
+    kwargs = dict(
+        vocab_size=50265,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=130,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+    )
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def build_checkpoint(directory: Path, family: str = "roberta", seed: int = 0, **overrides):
+    """Random-weight HF masked LM saved to ``directory``; returns the HF model (eval mode)."""
+    _, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(small_config(family, **overrides)).eval()
+    # Random LayerNorm/bias values so parity tests see every parameter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    if not TOKENIZER_DIR.is_dir():
+        pytest.fail(f"shared tokenizer not found at {TOKENIZER_DIR}")
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def roberta_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("roberta-ckpt")
+    hf = build_checkpoint(path, "roberta")
+    return path, hf
+
+
+@pytest.fixture(scope="session")
+def roberta(roberta_checkpoint):
+    """(HF model, SGLang-backed model) on the same random weights, shared by many tests."""
+    from sglang_hf_bridge import SGLangRobertaForMaskedLM
+
+    path, hf = roberta_checkpoint
+    model = SGLangRobertaForMaskedLM.from_pretrained(path)
+    yield hf, model
+    model.close()
+
+
+def max_abs_diff(a, b) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def assert_pools_free(model):
+    assert model.engine_pool_stats() == model.runtime.initial_pool_stats
