@@ -22,6 +22,17 @@ def configure_sglang_environment() -> None:
     os.environ.setdefault("SGLANG_EXTERNAL_MODEL_PACKAGE", "sglang_hf_bridge.sglang_models")
 
 
+def cpu_server_args() -> dict:
+    """ServerArgs the CPU host needs.
+
+    SGLang 0.5.23 sizes ``mem_fraction_static`` from GPU memory; on a CPU host its default
+    resolves to a negative fraction and ``alloc_memory_pool`` fails with "Loaded weights leave
+    no GPU memory for the KV cache under --mem-fraction-static=-0.046". The KV pool is capped
+    by ``max_total_tokens`` anyway, so a fixed fraction is safe.
+    """
+    return {"mem_fraction_static": 0.9}
+
+
 def free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

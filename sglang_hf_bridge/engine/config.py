@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from .. import compat
+
 DEFAULT_MAX_NUM_TOKENS = 8192
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 
@@ -49,7 +51,6 @@ class EngineConfig:
             skip_tokenizer_init=True,
             load_format="dummy",  # weights are loaded by the bridge (safetensors / weights_only)
             max_total_tokens=self.max_num_tokens,
-            mem_fraction_static=0.9,  # the pool is capped by max_total_tokens anyway
             max_running_requests=self.max_running_requests,
             context_length=self.max_sequence_length,
             json_model_override_args='{"architectures": ["%s"]}' % self.architecture,
@@ -57,5 +58,7 @@ class EngineConfig:
             nccl_port=dist_port,
             log_level="error",
         )
+        if self.device == "cpu":
+            kwargs.update(compat.cpu_server_args())
         kwargs.update(self.engine_options)
         return kwargs

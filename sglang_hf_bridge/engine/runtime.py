@@ -37,6 +37,7 @@ class EncoderRuntime:
         self.model_runner = None
         self.model = None
         self._closed = False
+        self._holds_parallel_runtime = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -60,6 +61,7 @@ class EncoderRuntime:
         compat.init_process_global_configs()
         model_config = ModelConfig.from_server_args(server_args)
         compat.init_parallel_runtime_once(bootstrap, server_args, cfg.device, port, cfg.tp_size)
+        self._holds_parallel_runtime = True
         bootstrap.init_layer_runtime(model_config=model_config)
         mr = ModelRunner(
             model_config=model_config,
@@ -89,9 +91,9 @@ class EncoderRuntime:
         if self._closed:
             return
         self._closed = True
-        mr, self.model_runner, self.model = self.model_runner, None, None
-        if mr is not None:
-            del mr
+        self.model_runner = self.model = None
+        if self._holds_parallel_runtime:
+            self._holds_parallel_runtime = False
             compat.release_parallel_runtime()
 
     # ------------------------------------------------------------------ pools

@@ -1,0 +1,64 @@
+"""Each SGLang 0.5.23 workaround in ``sglang_hf_bridge.compat`` next to the behaviour it avoids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import max_abs_diff
+from test_engine import _run
+from sglang_hf_bridge import SGLangRobertaForMaskedLM, compat
+from sglang_hf_bridge.engine.config import EngineConfig
+
+
+def test_sglang_builds_its_parallel_runtime_only_once_per_process(roberta, roberta_checkpoint):
+    """The bug: a second ``init_parallel_runtime`` in one process raises. The workaround shares
+    one runtime between single-rank engines (reference counted)."""
+    from sglang.srt.distributed import bootstrap
+
+    _, model = roberta  # a live engine holds the runtime
+    server_args = model.runtime.model_runner.server_args
+    with pytest.raises(RuntimeError, match="ran twice"):
+        bootstrap.init_parallel_runtime(server_args=server_args, device="cpu", dist_port=compat.free_local_port())
+    path, hf = roberta_checkpoint
+    with SGLangRobertaForMaskedLM.from_pretrained(path) as second:  # works thanks to the sharing
+        ids = torch.tensor([[0, 5, 6, 2]])
+        assert max_abs_diff(second(ids).logits, hf(ids).logits) <= 1e-5
+    assert compat._parallel_users["count"] >= 1  # the first model still holds it
+
+
+def test_default_mem_fraction_fails_on_a_cpu_host():
+    """The bug: on CPU, SGLang's default mem_fraction_static resolves negative and the KV pool
+    cannot be allocated. ``compat.cpu_server_args`` pins a fraction."""
+    assert compat.cpu_server_args()["mem_fraction_static"] > 0
+    r = _run("""
+        import tempfile, pathlib
+        from conftest import build_checkpoint
+        from sglang_hf_bridge import SGLangRobertaForMaskedLM
+        d = pathlib.Path(tempfile.mkdtemp())
+        build_checkpoint(d, "roberta")
+        SGLangRobertaForMaskedLM.from_pretrained(d, mem_fraction_static=None)
+    """)
+    assert r.returncode != 0
+    assert "leave no GPU memory for the KV cache" in r.stderr
+
+
+def test_sglang_leaves_prefix_reuse_on_for_encoders_so_the_engine_turns_it_off(tmp_path):
+    """The bug: ``ServerArgs(is_embedding=True)`` keeps the radix cache and chunked prefill on,
+    both wrong for a bidirectional encoder. The engine config turns both off."""
+    from sglang.srt.server_args import ServerArgs
+
+    from conftest import build_checkpoint
+
+    build_checkpoint(tmp_path, "roberta")
+    stock = ServerArgs(model_path=str(tmp_path), is_embedding=True, device="cpu")
+    assert stock.disable_radix_cache is False
+    ours = EngineConfig(model_path=str(tmp_path), architecture="X").server_args_kwargs(dist_port=1)
+    assert ours["disable_radix_cache"] is True and ours["chunked_prefill_size"] == -1
+
+
+def test_cpu_engine_env_var_is_refused_before_start(roberta_checkpoint, monkeypatch):
+    path, _ = roberta_checkpoint
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    with pytest.raises(RuntimeError, match="SGLANG_USE_CPU_ENGINE"):
+        SGLangRobertaForMaskedLM.from_pretrained(path)
