@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: inputs, the random roberta-base-shaped checkpoint, timing,
+and the table + JSON report. Every benchmark measures the HF baseline in the same run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SGLANG_HF_BRIDGE_SHARED", REPO.parent / "shared"))
+TOKENIZER_DIR = SHARED / "tokenizers" / "roberta-base-tokenizer"
+SST2_TEST = SHARED / "data" / "sst2" / "k-shot" / "16-42" / "test.tsv"
+TEMPLATE = "{sentence} It was <mask>."
+
+
+def read_sentences(path: Path = SST2_TEST) -> List[str]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r[0].strip() for r in rows[1:]]
+
+
+def prompts(limit: int = 0) -> List[str]:
+    sentences = read_sentences()
+    if limit:
+        sentences = sentences[:limit]
+    return [TEMPLATE.format(sentence=s) for s in sentences]
+
+
+def roberta_base_checkpoint(seed: int = 0) -> Path:
+    """A random-weight roberta-base-shaped RobertaForMaskedLM saved under the temp dir (cached)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    path = Path(tempfile.gettempdir()) / f"sglang-hf-bridge-bench-roberta-base-{seed}"
+    if not (path / "model.safetensors").exists():
+        config = RobertaConfig.from_pretrained(str(TOKENIZER_DIR))
+        torch.manual_seed(seed)
+        RobertaForMaskedLM(config).save_pretrained(path)
+    return path
+
+
+def time_it(fn: Callable[[], object], repeats: int = 1, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment() -> Dict[str, object]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def report(title: str, rows: List[Dict[str, object]], columns: List[str], out: Path, extra=None) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"title": title, "environment": environment(), "rows": rows}
+    payload.update(extra or {})
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {out}")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return "" if v is None else str(v)
