@@ -94,3 +94,78 @@ def release_parallel_runtime() -> None:
         _parallel_users["key"] = None
         destroy_model_parallel()
         destroy_distributed_environment()
+
+
+# --- LoRA on a GPU-less host ------------------------------------------------------------------
+# SGLang 0.5.23's LoRA code pins host memory unconditionally: ``torch.tensor(..., pin_memory=True)``
+# in ``sglang.srt.lora.layers`` and ``lora/backend/torch_backend.py``, and ``tensor.pin_memory()``
+# in the torch backend's batch preparation. With a CUDA build of torch on a host without a GPU
+# both fail with "Found no NVIDIA driver on your system". The fix is narrow: only those two
+# modules see a ``torch`` whose constructors ignore ``pin_memory=``, and ``Tensor.pin_memory`` is
+# a no-op only while the engine runs (``no_pinning()``), restored right after -- a global patch
+# was seen to corrupt later HF loads in the same process.
+
+_PINNING_MODULES = ("sglang.srt.lora.layers", "sglang.srt.lora.backend.torch_backend")
+
+
+class _TorchWithoutPinning:
+    """Stands in for the ``torch`` module inside SGLang's LoRA modules on a GPU-less host."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        attr = getattr(self._torch, name)
+        if callable(attr) and name in ("tensor", "zeros", "ones", "empty", "full", "arange", "as_tensor"):
+            def without_pinning(*args, _fn=attr, **kwargs):
+                kwargs.pop("pin_memory", None)
+                return _fn(*args, **kwargs)
+            return without_pinning
+        return attr
+
+
+def pinning_unavailable() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def patch_lora_pinning() -> None:
+    """Install the module-scoped ``torch`` stand-in (idempotent; no-op when CUDA is present)."""
+    import importlib
+
+    import torch
+
+    if not pinning_unavailable():
+        return
+    for name in _PINNING_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _TorchWithoutPinning):
+            module.torch = _TorchWithoutPinning(torch)
+
+
+class no_pinning:
+    """Context manager: ``Tensor.pin_memory`` returns the tensor itself while the engine runs
+    on a GPU-less host; the original method is back on exit."""
+
+    _depth = 0
+    _original = None
+
+    def __enter__(self):
+        import torch
+
+        if pinning_unavailable():
+            if no_pinning._depth == 0:
+                no_pinning._original = torch.Tensor.pin_memory
+                torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+            no_pinning._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if pinning_unavailable():
+            no_pinning._depth -= 1
+            if no_pinning._depth == 0:
+                torch.Tensor.pin_memory = no_pinning._original
+        return False

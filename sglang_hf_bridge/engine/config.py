@@ -11,6 +11,29 @@ DEFAULT_MAX_NUM_TOKENS = 8192
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 
+# Engine names of the modules LoRA can target (SGLang normalises q/k/v into qkv_proj).
+LORA_ENGINE_MODULES = ("qkv_proj", "o_proj", "fc_in", "down_proj")
+
+
+@dataclass
+class LoRAEngineConfig:
+    """Sizes of SGLang's LoRA memory pool, fixed at start-up."""
+
+    max_rank: int = 16
+    max_adapters: int = 8  # adapters resident at once (= SGLang max_loras_per_batch)
+    target_modules: tuple = LORA_ENGINE_MODULES
+
+    def server_args_kwargs(self, device: str) -> Dict[str, Any]:
+        return dict(
+            enable_lora=True,
+            max_lora_rank=self.max_rank,
+            max_loras_per_batch=self.max_adapters,
+            max_loaded_loras=self.max_adapters,
+            lora_target_modules=list(self.target_modules),
+            lora_backend="torch_native" if device == "cpu" else "triton",
+        )
+
+
 @dataclass
 class EngineConfig:
     """What the runtime needs to start a ModelRunner for one checkpoint directory.
@@ -29,6 +52,8 @@ class EngineConfig:
     max_sequence_length: int = 512
     attention_backend: Optional[str] = None
     random_seed: int = 0
+    # LoRA slots; None = no LoRA machinery (see LoRAEngineConfig).
+    lora: Optional["LoRAEngineConfig"] = None
     # Passed through to ServerArgs unchanged (SGLang field names).
     engine_options: Dict[str, Any] = field(default_factory=dict)
 
@@ -58,6 +83,8 @@ class EngineConfig:
             nccl_port=dist_port,
             log_level="error",
         )
+        if self.lora is not None:
+            kwargs.update(self.lora.server_args_kwargs(self.device))
         if self.device == "cpu":
             kwargs.update(compat.cpu_server_args())
         kwargs.update(self.engine_options)

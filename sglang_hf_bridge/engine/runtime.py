@@ -63,16 +63,19 @@ class EncoderRuntime:
         compat.init_parallel_runtime_once(bootstrap, server_args, cfg.device, port, cfg.tp_size)
         self._holds_parallel_runtime = True
         bootstrap.init_layer_runtime(model_config=model_config)
-        mr = ModelRunner(
-            model_config=model_config,
-            mem_fraction_static=0.9,
-            gpu_id=self.rank,
-            nccl_port=port,
-            server_args=server_args,
-        )
-        mr.alloc_memory_pool()
-        mr.init_attention_backends()
-        mr.init_cuda_graphs()
+        if cfg.lora is not None:
+            compat.patch_lora_pinning()
+        with compat.no_pinning():
+            mr = ModelRunner(
+                model_config=model_config,
+                mem_fraction_static=0.9,
+                gpu_id=self.rank,
+                nccl_port=port,
+                server_args=server_args,
+            )
+            mr.alloc_memory_pool()
+            mr.init_attention_backends()
+            mr.init_cuda_graphs()
         self.model_runner = mr
         self.model = mr.model
         self.load_weights(weights)
@@ -136,7 +139,7 @@ class EncoderRuntime:
             collect_hidden_states=call.output_hidden_states,
             query_only=_query_only_tokens(seqs, starts, device),
         )
-        with ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
+        with compat.no_pinning(), ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
             self.model.pass_inputs = pass_inputs
             try:
                 out = mr.forward(fb).logits_output

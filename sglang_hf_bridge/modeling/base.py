@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from .. import log_control
-from ..engine.config import EngineConfig
+from ..engine.config import EngineConfig, LoRAEngineConfig
 from ..engine.runtime import EncoderRuntime
 from .checkpoint import (
     CheckpointError,
@@ -104,13 +104,17 @@ class SGLangPreTrainedModel(PreTrainedModel):
         dtype: Optional[Union[str, torch.dtype]] = None,
         tp_size: int = 1,
         max_num_tokens: Optional[int] = None,
+        enable_lora: bool = True,
+        max_lora_rank: int = 16,
+        max_loras: int = 8,
         **engine_options: Any,
     ):
         """Load a local HF masked-LM checkpoint onto a new SGLang engine.
 
         ``max_num_tokens`` is the engine's token budget (KV pool size and the largest batch one
-        engine pass carries); larger calls are split. ``engine_options`` go to SGLang's
-        ``ServerArgs`` unchanged.
+        engine pass carries); larger calls are split. ``enable_lora`` starts SGLang's LoRA
+        machinery with room for ``max_loras`` resident adapters of rank <= ``max_lora_rank``.
+        ``engine_options`` go to SGLang's ``ServerArgs`` unchanged.
         """
         files = locate_checkpoint(pretrained_model_name_or_path)
         try:
@@ -133,6 +137,7 @@ class SGLangPreTrainedModel(PreTrainedModel):
             tp_size=tp_size,
             max_sequence_length=config.max_position_embeddings - config.pad_token_id - 1,
             engine_options=dict(engine_options),
+            lora=LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
         )
         if max_num_tokens is not None:
             if max_num_tokens < engine_config.max_sequence_length:

@@ -3,7 +3,7 @@
 SGLang 0.5.23 ships no masked-LM head, and its stock BERT/RoBERTa modules are named
 ``encoder.layer.N.attention.self.query``, which its LoRA machinery cannot target. This file
 builds the same post-LayerNorm encoder from SGLang's parallel layers with LoRA-targetable names
-(``layers.N.self_attn.qkv_proj``, ``o_proj``, ``mlp.up_proj``, ``mlp.down_proj``) and maps HF
+(``layers.N.self_attn.qkv_proj``, ``o_proj``, ``mlp.fc_in``, ``mlp.down_proj``) and maps HF
 checkpoint names onto them through the explicit :data:`CHECKPOINT_TO_ENGINE` table.
 
 Per-call inputs the engine cannot express through ``ForwardBatch`` (HF position ids, token type
@@ -48,8 +48,8 @@ CHECKPOINT_TO_ENGINE: List[Tuple[str, str, Optional[str]]] = [
     ("encoder.layer.{i}.attention.output.dense.bias", "layers.{i}.self_attn.o_proj.bias", None),
     ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layers.{i}.attn_norm.weight", None),
     ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layers.{i}.attn_norm.bias", None),
-    ("encoder.layer.{i}.intermediate.dense.weight", "layers.{i}.mlp.up_proj.weight", None),
-    ("encoder.layer.{i}.intermediate.dense.bias", "layers.{i}.mlp.up_proj.bias", None),
+    ("encoder.layer.{i}.intermediate.dense.weight", "layers.{i}.mlp.fc_in.weight", None),
+    ("encoder.layer.{i}.intermediate.dense.bias", "layers.{i}.mlp.fc_in.bias", None),
     ("encoder.layer.{i}.output.dense.weight", "layers.{i}.mlp.down_proj.weight", None),
     ("encoder.layer.{i}.output.dense.bias", "layers.{i}.mlp.down_proj.bias", None),
     ("encoder.layer.{i}.output.LayerNorm.weight", "layers.{i}.ffn_norm.weight", None),
@@ -198,8 +198,8 @@ def _base_linear(layer, x):
 class RobertaMLP(nn.Module):
     def __init__(self, config, prefix: str):
         super().__init__()
-        self.up_proj = ColumnParallelLinear(
-            config.hidden_size, config.intermediate_size, bias=True, prefix=f"{prefix}.up_proj"
+        self.fc_in = ColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, bias=True, prefix=f"{prefix}.fc_in"
         )
         self.down_proj = RowParallelLinear(
             config.intermediate_size, config.hidden_size, bias=True, prefix=f"{prefix}.down_proj"
@@ -208,7 +208,7 @@ class RobertaMLP(nn.Module):
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only 'gelu')")
 
     def forward(self, x, base_only: bool = False):
-        up = _base_linear(self.up_proj, x) if base_only else self.up_proj(x)[0]
+        up = _base_linear(self.fc_in, x) if base_only else self.fc_in(x)[0]
         h = F.gelu(up)
         return _base_linear(self.down_proj, h) if base_only else self.down_proj(h)[0]
 
@@ -289,7 +289,7 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         dims = {
             "qkv_proj": (h, 3 * h),
             "o_proj": (h, h),
-            "up_proj": (h, i),
+            "fc_in": (h, i),
             "down_proj": (i, h),
         }
         if module_name not in dims:
