@@ -27,8 +27,10 @@ class LoRAEngineConfig:
         return dict(
             enable_lora=True,
             max_lora_rank=self.max_rank,
-            max_loras_per_batch=self.max_adapters,
-            max_loaded_loras=self.max_adapters,
+            # +1: base rows take a pool slot too; with room for every adapter nothing is ever
+            # evicted, so adapter tensors handed out as views stay the engine's own memory.
+            max_loras_per_batch=self.max_adapters + 1,
+            max_loaded_loras=self.max_adapters + 1,
             lora_target_modules=list(self.target_modules),
             lora_backend="torch_native" if device == "cpu" else "triton",
         )

@@ -15,7 +15,7 @@ import torch
 from .. import compat
 from .config import EngineConfig
 from .scheduler import plan_chunks
-from .types import EncoderCall, EncoderResult, PassInputs, QueryOnlyTokens, SequenceResult
+from .types import EncoderCall, EncoderResult, PassInputs, QueryOnlyLoRA, QueryOnlyTokens, SequenceResult
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class EncoderRuntime:
         self.model = None
         self._closed = False
         self._holds_parallel_runtime = False
+        self._adapters = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -112,6 +113,29 @@ class EncoderRuntime:
             raise EngineClosedError("the SGLang engine of this model is closed")
         return self.model_runner
 
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self):
+        if self._adapters is None:
+            from .adapters import AdapterPool
+
+            self._adapters = AdapterPool(self)
+        return self._adapters
+
+    def _query_only_lora(self, lora_ids, device):
+        if self._adapters is None or not any(lora_ids):
+            return None
+        by_id = {}
+        for row, lora_id in enumerate(lora_ids):
+            if lora_id is not None:
+                by_id.setdefault(lora_id, []).append(row)
+        groups = []
+        for lora_id, rows in by_id.items():
+            a = self._adapters.adapters[lora_id]
+            groups.append((self._adapters.slot_of(lora_id), a.rank, a.scaling,
+                           torch.tensor(rows, dtype=torch.long, device=device)))
+        return QueryOnlyLoRA(groups=groups)
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward(self, call: EncoderCall) -> EncoderResult:
@@ -137,7 +161,7 @@ class EncoderRuntime:
             position_ids=_flat([s.position_ids for s in seqs], device),
             token_type_ids=_flat([s.token_type_ids or [0] * n for s, n in zip(seqs, lens)], device),
             collect_hidden_states=call.output_hidden_states,
-            query_only=_query_only_tokens(seqs, starts, device),
+            query_only=_query_only_tokens(seqs, starts, device, self._query_only_lora),
         )
         with compat.no_pinning(), ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
             self.model.pass_inputs = pass_inputs
@@ -194,7 +218,7 @@ def _flat(lists: List[List[int]], device) -> torch.Tensor:
     return torch.tensor(flat, dtype=torch.long, device=device)
 
 
-def _query_only_tokens(seqs, starts, device) -> Optional[QueryOnlyTokens]:
+def _query_only_tokens(seqs, starts, device, lora_groups) -> Optional[QueryOnlyTokens]:
     specs = [(i, q) for i, s in enumerate(seqs) for q in (s.query_only or [])]
     if not specs:
         return None
@@ -211,4 +235,5 @@ def _query_only_tokens(seqs, starts, device) -> Optional[QueryOnlyTokens]:
         token_type_ids=torch.tensor([q.token_type_id for _, q in specs], dtype=torch.long, device=device),
         key_index=key_index.to(device),
         key_mask=key_mask.to(device),
+        lora=lora_groups([seqs[i].lora_id for i, _ in specs], device),
     )

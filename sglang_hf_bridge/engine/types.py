@@ -24,6 +24,14 @@ class QueryOnlyTokens:
     token_type_ids: torch.Tensor  # [P]
     key_index: torch.Tensor  # [P, Lmax] long
     key_mask: torch.Tensor  # [P, Lmax] bool
+    lora: Optional["QueryOnlyLoRA"] = None
+
+
+@dataclass
+class QueryOnlyLoRA:
+    """Adapter slots of query-only tokens: ``(pool slot, rank, scaling, token rows)`` groups."""
+
+    groups: List[tuple]
 
 
 @dataclass

@@ -17,6 +17,7 @@ from transformers import AutoConfig, PreTrainedModel
 from .. import log_control
 from ..engine.config import EngineConfig, LoRAEngineConfig
 from ..engine.runtime import EncoderRuntime
+from .adapters import SGLangAdapterMixin
 from .checkpoint import (
     CheckpointError,
     checkpoint_tensor_names,
@@ -76,7 +77,7 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
-class SGLangPreTrainedModel(PreTrainedModel):
+class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
     """PreTrainedModel whose weights live in an SGLang ModelRunner, not in torch parameters."""
 
     base_model_prefix = "roberta"

@@ -39,8 +39,11 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        adapter_names: Optional[Sequence[str]] = None,
         **kwargs,
     ) -> Union[MaskedLMOutput, Tuple]:
+        """As ``RobertaForMaskedLM.forward``. ``adapter_names`` picks an adapter per row
+        (``"__base__"`` = none), run as one SGLang batch; default: the active adapter."""
         if inputs_embeds is not None:
             raise InputValidationError("inputs_embeds is not supported: pass input_ids")
         if output_attentions:
@@ -53,6 +56,7 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         prepared, _ = validate_and_prepare(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        self._assign_adapters(prepared, adapter_names)
         call = EncoderCall(sequences=prepared.sequences, logits="all", output_hidden_states=output_hidden_states)
         result = self.runtime.forward(call)
         rows = result.sequences
@@ -92,6 +96,7 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
         positions: Optional[Union[torch.Tensor, Sequence[Tuple[int, int]]]] = None,
         vocab_ids: Optional[Union[torch.Tensor, Sequence[int]]] = None,
         mask_token_id: Optional[int] = None,
+        adapter_names: Optional[Sequence[str]] = None,
     ) -> torch.Tensor:
         """Logits only where they are needed: the fast path for prompt-based training/eval.
 
@@ -100,9 +105,11 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
         ``vocab_ids``: restrict the output columns to these ids (e.g. label words). The mask id
         is ``mask_token_id``, else ``config.mask_token_id``, else ``vocab_size - 1`` (where
         RoBERTa, XLM-R and CamemBERT vocabularies keep ``<mask>``).
+        ``adapter_names``: one adapter per row, as in ``forward``.
         Returns ``[N, V]`` or ``[N, len(vocab_ids)]``.
         """
         prepared, mask = validate_and_prepare(self.config, input_ids, attention_mask, with_query_only=False)
+        self._assign_adapters(prepared, adapter_names)
         ids = torch.as_tensor(input_ids).to("cpu", torch.long)
         pairs = _resolve_positions(positions, ids, mask, self._mask_token_id(mask_token_id))
         vocab = None
@@ -135,8 +142,23 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
         configured = getattr(self.config, "mask_token_id", None)
         return int(configured) if configured is not None else self.config.vocab_size - 1
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write an HF checkpoint (safetensors) that transformers' own masked-LM class loads."""
+    def _assign_adapters(self, prepared, adapter_names) -> None:
+        for seq, lora_id in zip(prepared.sequences, self._row_lora_ids(len(prepared.sequences), adapter_names)):
+            seq.lora_id = lora_id
+
+    def save_pretrained(self, save_directory, adapter_name: Optional[str] = None,
+                        save_base_model: Optional[bool] = None, **kwargs) -> None:
+        """Without adapters: an HF checkpoint (safetensors) transformers' own masked-LM class
+        loads. With adapters (as transformers does with PEFT adapters loaded): the adapter
+        ``adapter_name`` (default: the active one) in PEFT format; ``save_base_model=True``
+        also writes the base checkpoint."""
+        if self._adapter_state() and adapter_name is None and self._bridge_active is None:
+            adapter_name = next(iter(self._adapter_state()))
+        if self._adapter_state():
+            self.save_adapter(save_directory, adapter_name)
+            if save_base_model:
+                save_engine_checkpoint(self, save_directory)
+            return
         save_engine_checkpoint(self, save_directory)
 
 

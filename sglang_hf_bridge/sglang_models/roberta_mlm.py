@@ -177,21 +177,36 @@ class RobertaSelfAttention(nn.Module):
     def _query_only_attention(self, query_only, k, v):
         """Attention of padded positions: they query the real tokens of their row, nobody
         queries them (HF masks them as keys only). Uses base weights (no LoRA)."""
-        states, key_index, key_mask = query_only
-        qkv = _base_linear(self.qkv_proj, states)
+        states, key_index, key_mask, lora = query_only
+        qkv = _query_only_linear(self.qkv_proj, states, lora, n_slices=3)
         q = qkv[:, : self.q_size].view(-1, self.num_heads, 1, self.head_dim)
         keys = k[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
         values = v[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
         mask = key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
         out = out.reshape(-1, self.q_size)
-        return _base_linear(self.o_proj, out)
+        return _query_only_linear(self.o_proj, out, lora)
 
 
-def _base_linear(layer, x):
-    """Apply a (possibly LoRA-wrapped) SGLang linear layer's base weights to extra rows."""
+def _query_only_linear(layer, x, lora, n_slices: int = 1):
+    """A (possibly LoRA-wrapped) SGLang linear layer applied to query-only rows, outside the
+    engine batch: base weights, plus each row's adapter delta read from the LoRA pool slot."""
     base = getattr(layer, "base_layer", layer)
     out, _ = base(x)
+    # SGLang's QKV LoRA layer names its buffers A_buffer_qkv/B_buffer_qkv, the others A/B_buffer.
+    A_all = getattr(layer, "A_buffer_qkv", None) if n_slices == 3 else getattr(layer, "A_buffer", None)
+    B_all = getattr(layer, "B_buffer_qkv", None) if n_slices == 3 else getattr(layer, "B_buffer", None)
+    if lora is None or A_all is None:
+        return out
+    for slot, rank, scaling, rows in lora.groups:
+        A = A_all[slot, : n_slices * rank]
+        B = B_all[slot, :, :rank]
+        xa = x[rows] @ A.T
+        width = B.shape[0] // n_slices
+        delta = torch.cat(
+            [xa[:, i * rank : (i + 1) * rank] @ B[i * width : (i + 1) * width].T for i in range(n_slices)], dim=-1
+        )
+        out[rows] += scaling * delta
     return out
 
 
@@ -207,10 +222,11 @@ class RobertaMLP(nn.Module):
         if config.hidden_act not in ("gelu", "gelu_python"):
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only 'gelu')")
 
-    def forward(self, x, base_only: bool = False):
-        up = _base_linear(self.fc_in, x) if base_only else self.fc_in(x)[0]
-        h = F.gelu(up)
-        return _base_linear(self.down_proj, h) if base_only else self.down_proj(h)[0]
+    def forward(self, x, query_only_lora=None, query_only: bool = False):
+        if not query_only:
+            return self.down_proj(F.gelu(self.fc_in(x)[0]))[0]
+        h = F.gelu(_query_only_linear(self.fc_in, x, query_only_lora))
+        return _query_only_linear(self.down_proj, h, query_only_lora)
 
 
 class RobertaLayer(nn.Module):
@@ -227,10 +243,10 @@ class RobertaLayer(nn.Module):
         x = self.ffn_norm(self.mlp(x) + x)
         if query_only is None:
             return x, None
-        states, key_index, key_mask = query_only
+        states, key_index, key_mask, lora = query_only
         s = self.attn_norm(qo_attn + states)
-        s = self.ffn_norm(self.mlp(s, base_only=True) + s)
-        return x, (s, key_index, key_mask)
+        s = self.ffn_norm(self.mlp(s, lora, query_only=True) + s)
+        return x, (s, key_index, key_mask, lora)
 
 
 class SGLangBridgeRobertaForMaskedLM(nn.Module):
@@ -268,7 +284,7 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         qo = None
         if p.query_only is not None:
             q = p.query_only
-            qo = (self.embeddings(q.input_ids, q.position_ids, q.token_type_ids), q.key_index, q.key_mask)
+            qo = (self.embeddings(q.input_ids, q.position_ids, q.token_type_ids), q.key_index, q.key_mask, q.lora)
         p.hidden_states = [x] if p.collect_hidden_states else None
         p.query_only_hidden_states = [qo[0]] if (qo is not None and p.collect_hidden_states) else None
         for layer in self.layers:

@@ -1,0 +1,37 @@
+"""Fresh adapter weights initialised as PEFT's ``LoraLayer.reset_lora_parameters`` does."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from ..engine.adapters import module_dims
+from .config import AdapterSpec, UnsupportedAdapterError
+
+
+def init_adapter_weights(spec: AdapterSpec, init_lora_weights, model_config) -> Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]]:
+    """True: A kaiming-uniform(a=sqrt(5)), B zeros. "gaussian": A ~ N(0, 1/r), B zeros.
+    False: both as nn.Linear's default (B != 0, for tests and debugging)."""
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise UnsupportedAdapterError(
+            f"init_lora_weights={init_lora_weights!r} is not supported by add_adapter "
+            "(use True, False or 'gaussian'; load adapters initialised elsewhere with load_adapter)"
+        )
+    weights = {}
+    r = spec.rank
+    for layer, module in sorted(spec.targets):
+        fan_in, fan_out = module_dims(model_config, module)
+        a, b = torch.empty(r, fan_in), torch.empty(fan_out, r)
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+        weights[(layer, module)] = (a, b)
+    return weights

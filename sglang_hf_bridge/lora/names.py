@@ -1,0 +1,54 @@
+"""The table between PEFT's names for RoBERTa modules and the engine's LoRA targets."""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional, Tuple
+
+# HF module (relative to ``roberta.encoder.layer.N.``) -> engine module
+ADAPTABLE_MODULES = {
+    "attention.self.query": "q_proj",
+    "attention.self.key": "k_proj",
+    "attention.self.value": "v_proj",
+    "attention.output.dense": "o_proj",
+    "intermediate.dense": "fc_in",
+    "output.dense": "down_proj",
+}
+ENGINE_TO_HF = {v: k for k, v in ADAPTABLE_MODULES.items()}
+BASE_PREFIX = "roberta"
+
+_PEFT_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:(?:roberta|camembert|xlm_roberta)\.)?encoder\.layer\.(\d+)\."
+    r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$"
+)
+
+
+def hf_module_names(config) -> List[str]:
+    """Every module of an HF RoBERTa masked LM a PEFT config could name as a LoRA target."""
+    names = []
+    for i in range(config.num_hidden_layers):
+        names += [f"{BASE_PREFIX}.encoder.layer.{i}.{m}" for m in ADAPTABLE_MODULES]
+    names += [f"{BASE_PREFIX}.embeddings.word_embeddings", f"{BASE_PREFIX}.embeddings.position_embeddings",
+              f"{BASE_PREFIX}.embeddings.token_type_embeddings", "lm_head.dense", "lm_head.decoder"]
+    return names
+
+
+def hf_module_to_engine(name: str) -> Optional[Tuple[int, str]]:
+    m = re.match(rf"^{BASE_PREFIX}\.encoder\.layer\.(\d+)\.(.+)$", name)
+    if m and m.group(2) in ADAPTABLE_MODULES:
+        return int(m.group(1)), ADAPTABLE_MODULES[m.group(2)]
+    return None
+
+
+def peft_key_to_engine(key: str) -> Tuple[int, str, str]:
+    """``base_model.model.roberta.encoder.layer.3.attention.self.query.lora_A.weight`` ->
+    ``(3, "q_proj", "A")``. Raises KeyError for keys that are not adaptable LoRA matrices."""
+    m = _PEFT_KEY.match(key)
+    if not m or m.group(2) not in ADAPTABLE_MODULES:
+        raise KeyError(key)
+    return int(m.group(1)), ADAPTABLE_MODULES[m.group(2)], m.group(3)
+
+
+def engine_key_to_peft(layer: int, module: str, which: str) -> str:
+    """The key PEFT's ``save_pretrained`` writes (adapter name removed)."""
+    return f"base_model.model.{BASE_PREFIX}.encoder.layer.{layer}.{ENGINE_TO_HF[module]}.lora_{which}.weight"

@@ -1,0 +1,221 @@
+"""The adapter API users know from transformers' ``PeftAdapterMixin``, run by SGLang's LoRA.
+
+Adapters are never merged into the base weights: each lives in a slot of SGLang's LoRA memory
+pool and rows of a batch pick theirs (``adapter_names=[...]``, PEFT's mixed-batch spelling).
+``adapter_tensors(name)`` gives PEFT-named views of that slot, so in-place changes are what the
+next forward computes with.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..engine.adapters import AdapterError
+from ..lora.config import AdapterSpec, UnsupportedAdapterError, resolve_adapter_spec
+from ..lora.files import read_adapter_dir, write_adapter_dir
+from ..lora.init import init_adapter_weights
+from ..lora.names import engine_key_to_peft, peft_key_to_engine
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    lora_id: str
+    peft_config: object
+    spec: AdapterSpec
+
+
+class SGLangAdapterMixin:
+    """Adapter methods of the SGLang-backed models (transformers' PeftAdapterMixin names)."""
+
+    def _adapter_state(self):
+        if not hasattr(self, "_bridge_adapters"):
+            self._bridge_adapters: Dict[str, LoadedAdapter] = {}
+            self._bridge_active: Optional[str] = None
+            self._bridge_enabled = True
+        return self._bridge_adapters
+
+    # ------------------------------------------------------------------ loading
+    def load_adapter(self, peft_model_id=None, adapter_name: Optional[str] = None, *, adapter_state_dict=None,
+                     peft_config=None, **kwargs) -> None:
+        """Load a PEFT LoRA adapter directory (or ``adapter_state_dict`` + ``peft_config``)
+        onto the engine and make it the active adapter."""
+        adapter_name = adapter_name or "default"
+        self._check_new_name(adapter_name)
+        if adapter_state_dict is not None:
+            if peft_config is None:
+                raise UnsupportedAdapterError("adapter_state_dict needs peft_config")
+            config, state = peft_config, adapter_state_dict
+        else:
+            config, state = read_adapter_dir(peft_model_id)
+        spec = resolve_adapter_spec(config, self.config, self._max_lora_rank())
+        weights = _state_to_engine(state, spec)
+        self._register(adapter_name, config, spec, weights)
+
+    def add_adapter(self, adapter_config, adapter_name: Optional[str] = None) -> None:
+        """A fresh adapter initialised as PEFT does (B = 0 unless ``init_lora_weights=False``)."""
+        adapter_name = adapter_name or "default"
+        self._check_new_name(adapter_name)
+        spec = resolve_adapter_spec(adapter_config, self.config, self._max_lora_rank())
+        weights = init_adapter_weights(spec, adapter_config.init_lora_weights, self.config)
+        self._register(adapter_name, copy.deepcopy(adapter_config), spec, weights)
+
+    def _max_lora_rank(self) -> int:
+        lora = self.runtime.config.lora
+        if lora is None:
+            raise AdapterError("this model was loaded with enable_lora=False: reload it with LoRA enabled")
+        return lora.max_rank
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or name == BASE_ADAPTER:
+            raise ValueError(f"invalid adapter name {name!r}")
+        if name in self._adapter_state():
+            raise ValueError(f"an adapter named {name!r} is already loaded; delete_adapter it first")
+        self._max_lora_rank()
+
+    def _register(self, name, config, spec, weights) -> None:
+        engine = self.runtime.adapters.load(name, weights, spec.rank, spec.scaling)
+        self._adapter_state()[name] = LoadedAdapter(name, engine.lora_id, config, spec)
+        self._bridge_active = name
+        self._bridge_enabled = True
+        self._on_weights_changed()
+
+    # ------------------------------------------------------------------ selection
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        if not isinstance(adapter_name, str):
+            names = list(adapter_name)
+            if len(names) != 1:
+                raise ValueError("the engine runs one active adapter per row; pass one name "
+                                 "(mix adapters per row with adapter_names=[...])")
+            adapter_name = names[0]
+        if adapter_name not in self._adapter_state():
+            raise ValueError(f"no adapter named {adapter_name!r}; loaded: {sorted(self._adapter_state())}")
+        self._bridge_active = adapter_name
+        self._on_weights_changed()
+
+    def disable_adapters(self) -> None:
+        self._adapter_state()
+        self._bridge_enabled = False
+        self._on_weights_changed()
+
+    def enable_adapters(self) -> None:
+        self._adapter_state()
+        self._bridge_enabled = True
+        self._on_weights_changed()
+
+    def active_adapters(self) -> List[str]:
+        self._adapter_state()
+        if not self._bridge_enabled or self._bridge_active is None:
+            return []
+        return [self._bridge_active]
+
+    def active_adapter(self) -> Optional[str]:
+        active = self.active_adapters()
+        return active[0] if active else None
+
+    def delete_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        state = self._adapter_state()
+        for name in names:
+            if name not in state:
+                raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
+        for name in names:
+            self.runtime.adapters.unload(state.pop(name).lora_id)
+            if self._bridge_active == name:
+                self._bridge_active = next(iter(state), None)
+        self._on_weights_changed()
+
+    @property
+    def peft_config(self) -> Dict[str, object]:
+        return {n: a.peft_config for n, a in self._adapter_state().items()}
+
+    # ------------------------------------------------------------------ tensors and saving
+    def adapter_tensors(self, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """PEFT-named ``lora_A``/``lora_B`` tensors of an adapter (the names PEFT's
+        ``save_pretrained`` writes), as views of the engine's LoRA pool: in-place changes are
+        used by the next forward, with no copy and no reload."""
+        adapter = self._get_adapter(adapter_name)
+        engine = self.runtime.adapters.adapters[adapter.lora_id]
+        out = {}
+        for (layer, module) in sorted(adapter.spec.targets):
+            a, b = engine.views[(layer, module)]
+            out[engine_key_to_peft(layer, module, "A")] = a
+            out[engine_key_to_peft(layer, module, "B")] = b
+        return out
+
+    def save_adapter(self, save_directory, adapter_name: Optional[str] = None) -> None:
+        """Write one adapter in PEFT format; ``peft.PeftModel.from_pretrained(hf_model, dir)``
+        loads it back on plain transformers."""
+        adapter = self._get_adapter(adapter_name)
+        config = copy.deepcopy(adapter.peft_config)
+        config.base_model_name_or_path = getattr(self, "name_or_path", None)
+        config.inference_mode = True
+        write_adapter_dir(save_directory, config, self.adapter_tensors(adapter.name))
+
+    def _get_adapter(self, adapter_name: Optional[str]) -> LoadedAdapter:
+        state = self._adapter_state()
+        name = adapter_name or self._bridge_active
+        if name is None or name not in state:
+            raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
+        return state[name]
+
+    # ------------------------------------------------------------------ per-row selection
+    def _row_lora_ids(self, batch_size: int, adapter_names) -> List[Optional[str]]:
+        state = self._adapter_state()
+        if adapter_names is None:
+            active = self.active_adapters()
+            lora_id = state[active[0]].lora_id if active else None
+            return [lora_id] * batch_size
+        names = list(adapter_names)
+        if len(names) != batch_size:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows")
+        ids = []
+        for name in names:
+            if name == BASE_ADAPTER:
+                ids.append(None)
+            elif name in state:
+                ids.append(state[name].lora_id)
+            else:
+                raise ValueError(f"adapter_names: no adapter named {name!r}; loaded: {sorted(state)} "
+                                 f"(use {BASE_ADAPTER!r} for the base model)")
+        return ids
+
+    def _on_weights_changed(self) -> None:
+        """Hook for caches keyed on weights/adapters (bumped on every change)."""
+        self._weights_version = getattr(self, "_weights_version", 0) + 1
+
+
+def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec):
+    """PEFT state dict -> engine ``{(layer, module): (A, B)}``; every tensor must be used."""
+    pairs: Dict[tuple, Dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state.items():
+        try:
+            layer, module, which = peft_key_to_engine(key)
+        except KeyError:
+            unknown.append(key)
+            continue
+        pairs.setdefault((layer, module), {})[which] = tensor
+    if unknown:
+        raise UnsupportedAdapterError(
+            f"adapter tensors the engine cannot place: {', '.join(sorted(unknown)[:5])}"
+            + (" ..." if len(unknown) > 5 else "")
+        )
+    weights = {}
+    for key, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise UnsupportedAdapterError(f"layer {key[0]} {key[1]}: needs both lora_A and lora_B")
+        if key not in spec.targets:
+            raise UnsupportedAdapterError(f"adapter has weights for layer {key[0]} {key[1]}, which its config does not target")
+        weights[key] = (ab["A"], ab["B"])
+    missing = sorted(spec.targets - set(weights))
+    if missing:
+        raise UnsupportedAdapterError(f"adapter config targets {missing[:4]} but the weights are missing")
+    return weights
