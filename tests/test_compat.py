@@ -62,3 +62,34 @@ def test_cpu_engine_env_var_is_refused_before_start(roberta_checkpoint, monkeypa
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     with pytest.raises(RuntimeError, match="SGLANG_USE_CPU_ENGINE"):
         SGLangRobertaForMaskedLM.from_pretrained(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bug needs a GPU-less host")
+def test_lora_pinning_fails_on_gpu_less_host_and_the_fix_stays_narrow(roberta, roberta_checkpoint, tmp_path):
+    """The bug: SGLang's LoRA code pins memory unconditionally, which raises without a GPU.
+    The fix swaps ``torch`` inside two SGLang LoRA modules only and makes
+    ``Tensor.pin_memory`` a no-op only while the engine runs."""
+    import sglang.srt.lora.layers as lora_layers
+    from transformers import RobertaForMaskedLM
+
+    with pytest.raises(RuntimeError, match="NVIDIA driver"):
+        torch.tensor([1.0], pin_memory=True)
+    original = torch.Tensor.pin_memory
+    _, model = roberta  # LoRA is on by default: the engine already ran its LoRA code
+    assert isinstance(lora_layers.torch, compat._TorchWithoutPinning)
+    with pytest.raises(RuntimeError, match="NVIDIA driver"):
+        torch.zeros(2).pin_memory()  # outside the engine, pinning is untouched
+    with compat.no_pinning():
+        assert torch.Tensor.pin_memory is not original
+        with compat.no_pinning():  # nested use restores only at the outermost exit
+            pass
+        assert torch.Tensor.pin_memory is not original
+    assert torch.Tensor.pin_memory is original
+    # HF loads in the same process are unaffected after engine LoRA work
+    path, hf = roberta_checkpoint
+    model.add_adapter(__import__("peft").LoraConfig(r=4, target_modules=["query"]), adapter_name="pin")
+    model.delete_adapter("pin")
+    again = RobertaForMaskedLM.from_pretrained(path).eval()
+    ids = torch.tensor([[0, 5, 6, 2]])
+    with torch.no_grad():
+        assert max_abs_diff(again(ids).logits, hf(ids).logits) == 0.0

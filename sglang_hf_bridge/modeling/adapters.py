@@ -24,6 +24,30 @@ from ..lora.names import engine_key_to_peft, peft_key_to_engine
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
+class PeftWrappingError(TypeError):
+    """peft.PeftModel / get_peft_model cannot wrap an engine-backed model."""
+
+
+PEFT_WRAPPING_MESSAGE = (
+    "peft.PeftModel / get_peft_model cannot wrap an SGLang-backed model: PEFT injects torch LoRA "
+    "layers into modules this model does not have (its layers live in the SGLang engine). Use "
+    "model.load_adapter(adapter_dir, adapter_name=...) or model.add_adapter(LoraConfig(...)): the "
+    "engine runs the same adapter with the same outputs, and model.save_pretrained(dir) writes "
+    "PEFT format back."
+)
+
+
+class _ReadOnlyPeftConfigs(dict):
+    """What ``model.peft_config`` returns. PEFT's tuner writes into an existing ``peft_config``
+    before injecting layers; that write is where it learns it cannot wrap this model."""
+
+    def __setitem__(self, key, value):
+        raise PeftWrappingError(PEFT_WRAPPING_MESSAGE)
+
+    def update(self, *args, **kwargs):
+        raise PeftWrappingError(PEFT_WRAPPING_MESSAGE)
+
+
 @dataclass
 class LoadedAdapter:
     name: str
@@ -134,7 +158,8 @@ class SGLangAdapterMixin:
 
     @property
     def peft_config(self) -> Dict[str, object]:
-        return {n: a.peft_config for n, a in self._adapter_state().items()}
+        """Loaded adapters' PEFT configs by name (read-only)."""
+        return _ReadOnlyPeftConfigs({n: a.peft_config for n, a in self._adapter_state().items()})
 
     # ------------------------------------------------------------------ tensors and saving
     def adapter_tensors(self, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
