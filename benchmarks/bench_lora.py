@@ -56,6 +56,7 @@ def main() -> None:
     ours = SGLangRobertaForMaskedLM.from_pretrained(ckpt, max_lora_rank=8, max_loras=4)
     for name in names:
         ours.load_adapter(work / name, adapter_name=name)
+    plain = SGLangRobertaForMaskedLM.from_pretrained(ckpt, enable_lora=False)  # LoRA machinery off
     B = batch["input_ids"].shape[0]
     mixed = [names[i % 4] for i in range(B)]
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -76,7 +77,12 @@ def main() -> None:
                 peft_model(input_ids=ids, attention_mask=mask, **kwargs).logits
         return go
 
+    def plain_forward():
+        with torch.inference_mode():
+            plain(ids, attention_mask=mask).logits
+
     cases = [
+        ("engine forward", "enable_lora=False (no LoRA layers)", plain_forward),
         ("engine forward", "base only", engine_forward(["__base__"] * B)),
         ("engine forward", "one adapter", engine_forward(["a0"] * B)),
         ("engine forward", "4 adapters mixed per row", engine_forward(mixed)),
@@ -91,6 +97,7 @@ def main() -> None:
         times[(path, setting)] = time_it(fn, repeats=args.repeats, warmup=1)
         print(f"{path} / {setting}: {times[(path, setting)]:.2f} s", flush=True)
     ours.close()
+    plain.close()
     peft_mixed = times[("PEFT on transformers (sdpa)", "4 adapters mixed per row")]
     rows = []
     for (path, setting), seconds in times.items():

@@ -10,6 +10,10 @@ from .modeling.base import InferenceOnlyError  # noqa: E402
 from .modeling.checkpoint import CheckpointError  # noqa: E402
 from .modeling.inputs import InputValidationError  # noqa: E402
 from .modeling.roberta import SGLangRobertaForMaskedLM  # noqa: E402
+from .engine.adapters import AdapterError  # noqa: E402
+from .lora.config import UnsupportedAdapterError  # noqa: E402
+from .lora.files import AdapterFileError  # noqa: E402
+from .modeling.adapters import PeftWrappingError  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -18,4 +22,8 @@ __all__ = [
     "CheckpointError",
     "InputValidationError",
     "InferenceOnlyError",
+    "AdapterError",
+    "AdapterFileError",
+    "UnsupportedAdapterError",
+    "PeftWrappingError",
 ]

@@ -70,17 +70,22 @@ def init_process_global_configs() -> None:
 _parallel_users = {"count": 0, "key": None}
 
 
-def init_parallel_runtime_once(bootstrap, server_args, device: str, port: int, tp_size: int) -> None:
+def check_parallel_runtime_available(device: str, tp_size: int) -> None:
+    """Raise before anything starts if this process's parallel runtime is taken."""
     key = (device, tp_size)
-    if _parallel_users["count"] > 0:
-        if _parallel_users["key"] != key or tp_size != 1:
-            raise RuntimeError(
-                f"another engine in this process uses the parallel runtime {_parallel_users['key']}; "
-                f"an engine with (device, tp_size)={key} cannot share it. Close the other model first."
-            )
-    else:
+    if _parallel_users["count"] > 0 and (_parallel_users["key"] != key or tp_size != 1):
+        raise RuntimeError(
+            f"another SGLang engine in this process holds the parallel runtime (device, tp_size)="
+            f"{_parallel_users['key']}; SGLang builds one per process, so an engine with "
+            f"(device, tp_size)={key} cannot start next to it. Close the other model first."
+        )
+
+
+def init_parallel_runtime_once(bootstrap, server_args, device: str, port: int, tp_size: int) -> None:
+    check_parallel_runtime_available(device, tp_size)
+    if _parallel_users["count"] == 0:
         bootstrap.init_parallel_runtime(server_args=server_args, device=device, dist_port=port)
-        _parallel_users["key"] = key
+        _parallel_users["key"] = (device, tp_size)
     _parallel_users["count"] += 1
 
 
@@ -169,3 +174,35 @@ class no_pinning:
             if no_pinning._depth == 0:
                 torch.Tensor.pin_memory = no_pinning._original
         return False
+
+
+# --- tensor parallelism on CPU -----------------------------------------------------------------
+def cpu_tensor_parallel_environment(tp_size: int) -> dict:
+    """Environment every rank of a CPU TP engine needs, set before SGLang starts.
+
+    ``SGLANG_CPU_OMP_THREADS_BIND``: without it SGLang binds one rank per NUMA node and asserts
+    ``ranks <= NUMA nodes`` (one node here); we give each rank its own slice of this process's
+    cores ("0|1" for two ranks on two cores).
+    ``SGLANG_NCCL_SO_PATH``: with a CUDA build of torch on a GPU-less host SGLang still loads
+    libnccl for PyNccl and then crashes ("Expected a cuda device, but got: cpu"); pointing the
+    path at a file that does not exist keeps PyNccl off (gloo carries CPU collectives).
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    groups = [cores[i::tp_size] or [cores[i % len(cores)]] for i in range(tp_size)]
+    bind = "|".join(",".join(str(c) for c in sorted(g)) for g in groups)
+    return {
+        "SGLANG_CPU_OMP_THREADS_BIND": os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", bind),
+        "SGLANG_NCCL_SO_PATH": os.environ.get("SGLANG_NCCL_SO_PATH", "/nonexistent/sglang-hf-bridge/libnccl-disabled.so"),
+    }
+
+
+def set_parent_death_signal() -> None:
+    """Linux: have the kernel SIGKILL this worker when the process that spawned it dies, so TP
+    workers never outlive the user's process (even on SIGKILL of the parent)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -21,8 +21,15 @@ def sglang_level() -> int:
     return logging.ERROR if level >= logging.WARNING else level
 
 
+# Lines that are expected on a CPU host (the PyNccl probe the TP workaround disables, torch's
+# CUDA_HOME probe when SGLang compiles a helper): hidden unless transformers is at INFO or below.
+_EXPECTED_NOISE = ("sglang.srt.distributed.device_communicators.pynccl_wrapper", "torch.utils.cpp_extension")
+
+
 def apply_sglang_level() -> None:
     level = sglang_level()
+    for name in _EXPECTED_NOISE:
+        logging.getLogger(name).setLevel(logging.CRITICAL if level >= logging.ERROR else level)
     for name in _SGLANG_LOGGERS:
         logging.getLogger(name).setLevel(level)
     # SGLang's configure_logger attaches handlers to the root logger in some paths.

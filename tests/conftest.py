@@ -78,9 +78,11 @@ def roberta_checkpoint(tmp_path_factory):
     return path, hf
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def roberta(roberta_checkpoint):
-    """(HF model, SGLang-backed model) on the same random weights, shared by many tests."""
+    """(HF model, SGLang-backed model) on the same random weights, shared by a test module.
+    Module scope: SGLang has one parallel runtime per process, and the tensor-parallel tests
+    need it free."""
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
 
     path, hf = roberta_checkpoint

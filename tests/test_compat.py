@@ -93,3 +93,33 @@ def test_lora_pinning_fails_on_gpu_less_host_and_the_fix_stays_narrow(roberta, r
     ids = torch.tensor([[0, 5, 6, 2]])
     with torch.no_grad():
         assert max_abs_diff(again(ids).logits, hf(ids).logits) == 0.0
+
+
+def test_cpu_tp_thread_binding_needed_without_numa_nodes(monkeypatch):
+    """The bug: without SGLANG_CPU_OMP_THREADS_BIND, SGLang binds one TP rank per NUMA node and
+    asserts ranks <= NUMA nodes (one node here). The TP environment gives each rank its cores."""
+    from sglang.srt.utils import numa_utils
+
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    if len(numa_utils.get_cpu_ids_by_node()) >= 2:
+        pytest.skip("this host has several NUMA nodes")
+    with pytest.raises(AssertionError, match="SGLANG_CPU_OMP_THREADS_BIND is not set"):
+        numa_utils.init_threads_binding(numa_index=0, world_size=2)
+    env = compat.cpu_tensor_parallel_environment(2)
+    assert len(env["SGLANG_CPU_OMP_THREADS_BIND"].split("|")) == 2
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", env["SGLANG_CPU_OMP_THREADS_BIND"])
+    numa_utils.init_threads_binding(numa_index=0, world_size=2)  # no assertion now
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bug needs a GPU-less host")
+def test_pynccl_is_kept_off_on_cpu(monkeypatch):
+    """The bug: with a CUDA build of torch, SGLang finds and loads libnccl for PyNccl even on a
+    GPU-less host, and TP start-up then crashes ("Expected a cuda device"). Pointing
+    SGLANG_NCCL_SO_PATH at a missing file makes the library load fail, so PyNccl stays off."""
+    from sglang.srt.distributed.device_communicators.pynccl_wrapper import NCCLLibrary
+
+    monkeypatch.delenv("SGLANG_NCCL_SO_PATH", raising=False)
+    NCCLLibrary()  # loads: the stock path would go on to use NCCL on a CPU host
+    monkeypatch.setenv("SGLANG_NCCL_SO_PATH", compat.cpu_tensor_parallel_environment(2)["SGLANG_NCCL_SO_PATH"])
+    with pytest.raises(Exception):
+        NCCLLibrary()

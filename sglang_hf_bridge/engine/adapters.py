@@ -69,7 +69,7 @@ class AdapterPool:
         return self.runtime.config.lora
 
     def load(self, name: str, weights: Dict[AdapterKey, Tuple[torch.Tensor, torch.Tensor]], rank: int,
-             scaling: float) -> EngineAdapter:
+             scaling: float, lora_id: Optional[str] = None) -> EngineAdapter:
         from sglang.srt.lora.lora_registry import LoRARef
 
         manager = self._manager
@@ -103,7 +103,8 @@ class AdapterPool:
             tensors[f"{prefix}.lora_A.weight"] = a.detach().to(torch.float32).contiguous()
             tensors[f"{prefix}.lora_B.weight"] = b.detach().to(torch.float32).contiguous()
         targets = sorted({m for _, m in weights})
-        ref = LoRARef(lora_name=name, lora_path=f"sglang-hf-bridge://{name}", pinned=False)
+        ref = LoRARef(lora_name=name, lora_path=f"sglang-hf-bridge://{name}", pinned=False,
+                      **({"lora_id": lora_id} if lora_id else {}))
         # SGLang scales by lora_alpha / r; pass the alpha that yields the wanted scaling.
         config_dict = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": targets}
         with compat.no_pinning():

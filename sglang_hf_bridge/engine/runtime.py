@@ -55,6 +55,7 @@ class EncoderRuntime:
 
         cfg = self.config
         compat.prepare_process(cfg.device, cfg.tp_size)
+        compat.check_parallel_runtime_available(cfg.device, cfg.tp_size)  # before publish() touches globals
         ModelRegistry.models[cfg.architecture] = self.model_class
         port = self.dist_port or compat.free_local_port()
         server_args = ServerArgs(**cfg.server_args_kwargs(port))

@@ -167,12 +167,32 @@ class SGLangAdapterMixin:
         ``save_pretrained`` writes), as views of the engine's LoRA pool: in-place changes are
         used by the next forward, with no copy and no reload."""
         adapter = self._get_adapter(adapter_name)
+        if self.runtime.config.tp_size > 1:
+            raise NotImplementedError(
+                "adapter_tensors() hands out views of one engine's memory; under tp_size > 1 each rank "
+                "holds a shard. Use adapter_state_dict() for full copies."
+            )
         engine = self.runtime.adapters.adapters[adapter.lora_id]
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             a, b = engine.views[(layer, module)]
             out[engine_key_to_peft(layer, module, "A")] = a
             out[engine_key_to_peft(layer, module, "B")] = b
+        return out
+
+    def adapter_state_dict(self, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """Full PEFT-named copies of an adapter's matrices (gathered across TP ranks)."""
+        adapter = self._get_adapter(adapter_name)
+        if self.runtime.config.tp_size == 1:
+            return {k: v.detach().clone() for k, v in self.adapter_tensors(adapter.name).items()}
+        from ..engine.tp_shards import merge_lora
+
+        per_rank = self.runtime.run_on_all_ranks("sglang_hf_bridge.engine.tp_shards.adapter_views_cloned",
+                                                 adapter.lora_id)
+        out = {}
+        for (layer, module) in sorted(adapter.spec.targets):
+            for i, which in enumerate("AB"):
+                out[engine_key_to_peft(layer, module, which)] = merge_lora(module, which, [r[(layer, module)][i] for r in per_rank])
         return out
 
     def save_adapter(self, save_directory, adapter_name: Optional[str] = None) -> None:
@@ -182,7 +202,7 @@ class SGLangAdapterMixin:
         config = copy.deepcopy(adapter.peft_config)
         config.base_model_name_or_path = getattr(self, "name_or_path", None)
         config.inference_mode = True
-        write_adapter_dir(save_directory, config, self.adapter_tensors(adapter.name))
+        write_adapter_dir(save_directory, config, self.adapter_state_dict(adapter.name))
 
     def _get_adapter(self, adapter_name: Optional[str]) -> LoadedAdapter:
         state = self._adapter_state()

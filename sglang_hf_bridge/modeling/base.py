@@ -17,6 +17,7 @@ from transformers import AutoConfig, PreTrainedModel
 from .. import log_control
 from ..engine.config import EngineConfig, LoRAEngineConfig
 from ..engine.runtime import EncoderRuntime
+from ..engine.tp import TensorParallelRuntime
 from .adapters import SGLangAdapterMixin
 from .checkpoint import (
     CheckpointError,
@@ -77,6 +78,21 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def check_tensor_parallel_size(config, tp_size: int) -> None:
+    """Refuse a ``tp_size`` the sharded layers cannot split, before any process starts."""
+    problems = []
+    if config.num_attention_heads % tp_size:
+        problems.append(f"num_attention_heads={config.num_attention_heads}")
+    if config.intermediate_size % tp_size:
+        problems.append(f"intermediate_size={config.intermediate_size}")
+    # SGLang pads the vocabulary to a multiple of 64 and gives each rank an equal slice.
+    padded_vocab = -(-config.vocab_size // 64) * 64
+    if padded_vocab % tp_size:
+        problems.append(f"padded vocabulary {padded_vocab}")
+    if problems:
+        raise ValueError(f"tp_size={tp_size} does not divide {', '.join(problems)}")
+
+
 class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
     """PreTrainedModel whose weights live in an SGLang ModelRunner, not in torch parameters."""
 
@@ -128,8 +144,7 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
         torch_device = _resolve_device(device)
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
-        if tp_size != 1:
-            raise NotImplementedError("tensor parallelism (tp_size > 1) is not available yet")
+        check_tensor_parallel_size(config, tp_size)
         engine_config = EngineConfig(
             model_path=files.directory,
             architecture=cls.sglang_architecture,
@@ -149,7 +164,10 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
             engine_config.max_num_tokens = int(max_num_tokens)
         engine_config.max_num_tokens = max(engine_config.max_num_tokens, engine_config.max_sequence_length)
         with log_control.quiet_sglang():
-            runtime = EncoderRuntime(engine_config, cls.sglang_model_class)
+            if tp_size > 1:
+                runtime = TensorParallelRuntime(engine_config, cls.sglang_model_class, files.directory)
+            else:
+                runtime = EncoderRuntime(engine_config, cls.sglang_model_class)
             try:
                 runtime.start(iter_checkpoint_tensors(files, progress=log_control.progress_enabled()))
             except BaseException:

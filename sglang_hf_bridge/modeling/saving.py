@@ -11,11 +11,20 @@ from ..sglang_models.roberta_mlm import engine_to_checkpoint_names
 from .checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
 
 
-def engine_state_dict(engine_model, config) -> Dict[str, torch.Tensor]:
+def engine_parameters(runtime) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) engine parameters: gathered from every rank under tensor parallelism."""
+    if hasattr(runtime, "rank_parameters"):
+        from ..engine.tp_shards import merge_parameters
+
+        return merge_parameters(runtime.rank_parameters())
+    return dict(runtime.model.named_parameters())
+
+
+def engine_state_dict(params: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
     """HF-named tensors (``roberta.`` prefix, q/k/v unfused) copied from the engine's weights."""
     state: Dict[str, torch.Tensor] = {}
     H = config.hidden_size
-    for engine_name, param in engine_model.named_parameters():
+    for engine_name, param in params.items():
         targets = engine_to_checkpoint_names(engine_name)
         if not targets:
             continue
@@ -37,8 +46,8 @@ def engine_state_dict(engine_model, config) -> Dict[str, torch.Tensor]:
 def save_engine_checkpoint(model, save_directory) -> None:
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
-    engine_model = model.runtime.model
+    params = engine_parameters(model.runtime)
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.architectures = [SUPPORTED_MODEL_TYPES[config.model_type]]
     config.dtype = str(model.dtype).replace("torch.", "")
-    write_safetensors(engine_state_dict(engine_model, config), save_directory, config)
+    write_safetensors(engine_state_dict(params, config), save_directory, config)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
 from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
@@ -202,6 +203,8 @@ def _query_only_linear(layer, x, lora, n_slices: int = 1):
         A = A_all[slot, : n_slices * rank]
         B = B_all[slot, :, :rank]
         xa = x[rows] @ A.T
+        if isinstance(base, RowParallelLinear) and get_tensor_model_parallel_world_size() > 1:
+            xa = tensor_model_parallel_all_reduce(xa)  # A is sharded on the input dim
         width = B.shape[0] // n_slices
         delta = torch.cat(
             [xa[:, i * rank : (i + 1) * rank] @ B[i * width : (i + 1) * width].T for i in range(n_slices)], dim=-1

@@ -1,0 +1,104 @@
+"""tp_size=2: SGLang's TP groups over two processes (gloo on CPU) give tp_size=1's answers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForMaskedLM, pipeline
+
+from conftest import build_checkpoint, max_abs_diff
+from sglang_hf_bridge import SGLangRobertaForMaskedLM
+
+TOL = 1e-5
+TEXTS = ["The movie was <mask>.", "A longer sentence about a <mask> film that I <mask> watched.", "<mask>"]
+
+
+@pytest.fixture(scope="module")
+def tp_pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp-ckpt")
+    hf = build_checkpoint(path, "roberta", seed=21)
+    model = SGLangRobertaForMaskedLM.from_pretrained(path, tp_size=2)
+    yield path, hf, model
+    model.close()
+
+
+def test_forward_loss_hidden_states_match_hf(tp_pair, tokenizer):
+    _, hf, model = tp_pair
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        enc = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
+        tokenizer.padding_side = "right"
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        with torch.no_grad():
+            ref = hf(**enc, labels=labels, output_hidden_states=True)
+        out = model(**enc, labels=labels, output_hidden_states=True)
+        assert max_abs_diff(out.logits, ref.logits) <= TOL
+        assert abs(out.loss.item() - ref.loss.item()) <= TOL
+        assert all(max_abs_diff(a, b) <= TOL for a, b in zip(out.hidden_states, ref.hidden_states))
+        label_ids = [372, 6587]
+        cm = model.compute_mlm_logits(enc["input_ids"], enc["attention_mask"], vocab_ids=label_ids)
+        assert max_abs_diff(cm, ref.logits[enc["input_ids"] == tokenizer.mask_token_id][:, label_ids]) <= TOL
+    assert model.engine_pool_stats() == model.runtime.initial_pool_stats
+
+
+def test_fill_mask_pipeline(tp_pair, tokenizer):
+    _, hf, model = tp_pair
+    a = pipeline("fill-mask", model=model, tokenizer=tokenizer)(TEXTS, top_k=5, batch_size=2)
+    b = pipeline("fill-mask", model=hf, tokenizer=tokenizer)(TEXTS, top_k=5, batch_size=2)
+    flat = lambda r: [(x["token"], round(x["score"], 5)) for row in r for y in row for x in (y if isinstance(y, list) else [y])]  # noqa: E731
+    assert flat(a) == flat(b)
+
+
+def test_save_pretrained_writes_full_unsharded_checkpoint(tp_pair, tmp_path):
+    _, hf, model = tp_pair
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with torch.no_grad():
+        assert max_abs_diff(reloaded(ids).logits, hf(ids).logits) == 0.0
+
+
+def test_adapters_mixed_batch_and_save(tp_pair, tmp_path):
+    _, hf, model = tp_pair
+    ids = torch.tensor([[0, 5, 6, 7, 8, 2], [0, 9, 10, 2, 1, 1], [0, 11, 2, 1, 1, 1]])
+    mask = (ids != 1).long()
+    peft = {}
+    for i, (name, targets) in enumerate([("a", ["query", "value", "attention.output.dense"]),
+                                         ("b", ["key", "intermediate.dense", "output.dense"])]):
+        torch.manual_seed(i)
+        peft[name] = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                  init_lora_weights=False)).eval()
+        peft[name].save_pretrained(tmp_path / name)
+        model.load_adapter(tmp_path / name, adapter_name=name)
+    try:
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, adapter_names=["a", "b", "__base__"]).logits
+            refs = [peft["a"](ids, attention_mask=mask).logits[0], peft["b"](ids, attention_mask=mask).logits[1],
+                    hf(ids, attention_mask=mask).logits[2]]
+        for row, ref in enumerate(refs):
+            assert max_abs_diff(out[row], ref) <= TOL
+        model.save_pretrained(tmp_path / "saved", adapter_name="b")
+        back = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "saved").eval()
+        with torch.no_grad():
+            assert max_abs_diff(back(ids).logits, peft["b"](ids).logits) == 0.0
+        with pytest.raises(NotImplementedError, match="tp_size > 1"):
+            model.adapter_tensors("a")
+    finally:
+        model.delete_adapter(["a", "b"])
+
+
+def test_tp_size_must_divide_before_any_process_starts(tp_pair):
+    path, _, _ = tp_pair
+    with pytest.raises(ValueError, match="tp_size=3 does not divide num_attention_heads=4"):
+        SGLangRobertaForMaskedLM.from_pretrained(path, tp_size=3)
+
+
+def test_second_engine_next_to_tp_engine_is_refused(tp_pair):
+    path, _, model = tp_pair
+    with pytest.raises(RuntimeError, match="holds the parallel runtime"):
+        SGLangRobertaForMaskedLM.from_pretrained(path)
+    assert model(torch.tensor([[0, 5, 2]])).logits.shape == (1, 3, 50265)
