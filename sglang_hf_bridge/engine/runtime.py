@@ -114,6 +114,13 @@ class EncoderRuntime:
             raise EngineClosedError("the SGLang engine of this model is closed")
         return self.model_runner
 
+    def run_on_all_ranks(self, function_path: str, *args):
+        """Call ``function(runtime, *args)`` on every rank (here: one); returns the results."""
+        import importlib
+
+        module_name, fn_name = function_path.rsplit(".", 1)
+        return [getattr(importlib.import_module(module_name), fn_name)(self, *args)]
+
     # ------------------------------------------------------------------ adapters
     @property
     def adapters(self):

@@ -1,0 +1,160 @@
+"""MeZOTrainer: zeroth-order SGD (Malladi et al., 2023, Algorithm 1) as a drop-in HF Trainer.
+
+Per step and per sample i: seed s; theta += eps z; l+ ; theta -= 2 eps z; l- ; theta += eps z
+(restore); g = (l+ - l-) / (2 eps); then theta -= lr (g z / n + wd theta) with z regenerated
+from s. No gradient buffers, no optimizer state, no second copy of the weights. For a LoRA
+adapter on the engine the +eps z and -eps z passes run as two scratch adapters in ONE engine
+batch (rows tagged per adapter).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .prompts import PromptClassifier
+from .zo import EngineAdapter, EngineWeights, TorchParameters
+
+PLUS, MINUS = "__zo_plus__", "__zo_minus__"
+
+
+@dataclass
+class MeZOTrainingArguments(TrainingArguments):
+    zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale epsilon"})
+    zo_num_samples: int = field(default=1, metadata={"help": "n of n-SPSA: directions per step"})
+    zo_trainable: str = field(default="auto", metadata={"help": "'all' weights, 'lora' (the active adapter), or 'auto'"})
+    zo_paired_batch: bool = field(default=True, metadata={"help": "LoRA on the engine: +/- passes in one batch"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "unused by MeZO (no gradients)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.zo_trainable not in ("auto", "all", "lora"):
+            raise ValueError(f"zo_trainable must be 'auto', 'all' or 'lora', got {self.zo_trainable!r}")
+        if self.zo_eps <= 0 or self.zo_num_samples < 1:
+            raise ValueError("zo_eps must be > 0 and zo_num_samples >= 1")
+
+
+def step_seed(base_seed: int, global_step: int, sample: int) -> int:
+    """Seeds come from (args.seed, step, sample): a resumed run replays the same directions."""
+    return zlib.crc32(f"{base_seed}:{global_step}:{sample}".encode())
+
+
+class MeZOTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, MeZOTrainingArguments):
+            raise TypeError("MeZOTrainer needs MeZOTrainingArguments")
+        self._zo_target = None
+        self.zo_history: List[Dict[str, float]] = []
+
+    # ---- no optimizer state: a placeholder SGD carries the LR schedule -------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self._zo_placeholder = torch.nn.Parameter(torch.zeros(1))
+            self.optimizer = torch.optim.SGD([self._zo_placeholder], lr=self.args.learning_rate)
+        return self.optimizer
+
+    # ---- what is trained ---------------------------------------------------------------------
+    def _base_model(self):
+        m = self.model
+        return m.model if isinstance(m, PromptClassifier) else m
+
+    def zo_target(self):
+        if self._zo_target is None:
+            base = self._base_model()
+            engine = hasattr(base, "runtime")
+            mode = self.args.zo_trainable
+            if mode == "auto":
+                mode = "lora" if engine and base.active_adapters() else "all"
+            if mode == "lora":
+                if not engine or not base.active_adapters():
+                    raise ValueError("zo_trainable='lora' needs an engine model with an active adapter "
+                                     "(model.add_adapter / load_adapter)")
+                self._zo_target = EngineAdapter(base, base.active_adapters()[0])
+            else:
+                self._zo_target = EngineWeights(base) if engine else TorchParameters(base)
+        return self._zo_target
+
+    def _paired(self) -> bool:
+        return (self.args.zo_paired_batch and isinstance(self.zo_target(), EngineAdapter)
+                and isinstance(self.model, PromptClassifier))
+
+    def _ensure_scratch_adapters(self, target: EngineAdapter):
+        base = target.model
+        state = base._adapter_state()
+        if PLUS not in state:
+            import copy
+
+            config = copy.deepcopy(state[target.adapter_name].peft_config)
+            active = base.active_adapters()
+            for name in (PLUS, MINUS):
+                base.add_adapter(config, adapter_name=name)
+            base.set_adapter(active[0])
+        return state[PLUS].lora_id, state[MINUS].lora_id
+
+    # ---- the step ----------------------------------------------------------------------------
+    def _loss(self, model, inputs) -> float:
+        with torch.no_grad():
+            out = model(**inputs)
+        loss = out["loss"] if isinstance(out, dict) else out.loss
+        return float(loss)
+
+    def _paired_losses(self, target: EngineAdapter, inputs, seed: int):
+        plus_id, minus_id = self._ensure_scratch_adapters(target)
+        eps = self.args.zo_eps
+        for lora_id, sign in ((plus_id, 1.0), (minus_id, -1.0)):
+            target.model.runtime.run_on_all_ranks("sglang_hf_bridge.engine.weights.rank_copy_adapter", target.lora_id, lora_id)
+            target.perturb(seed, sign * eps, lora_id=lora_id)
+        ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+        B = ids.shape[0]
+        both = torch.cat([ids, ids]), (torch.cat([mask, mask]) if mask is not None else None)
+        logits = self.model.label_logits(*both, adapter_names=[PLUS] * B + [MINUS] * B)
+        ce = torch.nn.functional.cross_entropy
+        return float(ce(logits[:B], labels)), float(ce(logits[B:], labels))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self._prepare_inputs(inputs)
+        target = self.zo_target()
+        args = self.args
+        n, eps = args.zo_num_samples, args.zo_eps
+        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else args.learning_rate
+        step = self.state.global_step
+        grads, losses, seeds = [], [], []
+        for i in range(n):
+            seed = step_seed(args.seed, step, i)
+            if self._paired():
+                l_plus, l_minus = self._paired_losses(target, inputs, seed)
+            else:
+                target.perturb(seed, eps)
+                l_plus = self._loss(model, inputs)
+                target.perturb(seed, -2 * eps)
+                l_minus = self._loss(model, inputs)
+                target.perturb(seed, eps)
+            grads.append((l_plus - l_minus) / (2 * eps))
+            losses.append(l_plus)
+            seeds.append(seed)
+        for i, (seed, g) in enumerate(zip(seeds, grads)):
+            target.update(seed, lr, g / n, args.weight_decay if i == 0 else 0.0)
+        self.zo_history.append({"step": step, "lr": lr, "projected_grads": grads, "losses": losses})
+        return torch.tensor(sum(losses) / n, device=args.device)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        base = self._base_model()
+        if isinstance(self.zo_target(), EngineAdapter):
+            base.save_adapter(output_dir, self.zo_target().adapter_name)
+        else:
+            base.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.zo_target().load_checkpoint(resume_from_checkpoint)

@@ -1,0 +1,111 @@
+"""What MeZO perturbs: the engine's weights, one engine adapter, or a torch model's parameters.
+
+All three draw z per HF/PEFT name (``engine.weights.direction``), so the same seeds give the
+same trajectory on the engine (any tp_size) and on plain transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..engine.weights import NamedSlice, add_scaled_directions, direction, zo_update
+
+W = "sglang_hf_bridge.engine.weights."
+
+
+def no_decay_names(names: Sequence[str]) -> List[str]:
+    """MeZO / HF convention: no weight decay on biases and LayerNorm weights."""
+    return [n for n in names if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
+
+
+class EngineWeights:
+    """Full-parameter MeZO on an engine model: its own weights perturbed in place, every rank."""
+
+    def __init__(self, model, include: Optional[Callable[[str], bool]] = None):
+        from ..engine.weights import hf_parameter_slices
+
+        self.model = model
+        names = sorted(hf_parameter_slices(model.runtime.model))
+        self.names = [n for n in names if include is None or include(n)]
+
+    def perturb(self, seed: int, scale: float) -> None:
+        self.model.runtime.run_on_all_ranks(W + "rank_perturb_weights", self.names, seed, scale)
+        self.model._on_weights_changed()
+
+    def update(self, seed, lr, projected_grad, weight_decay) -> None:
+        self.model.runtime.run_on_all_ranks(W + "rank_update_weights", self.names, seed, lr, projected_grad,
+                                            weight_decay, no_decay_names(self.names))
+        self.model._on_weights_changed()
+
+    def load_checkpoint(self, directory: str) -> None:
+        from ..modeling.checkpoint import iter_checkpoint_tensors, locate_checkpoint
+
+        wanted = set(self.names)
+        tensors = {n: t for n, t in iter_checkpoint_tensors(locate_checkpoint(directory)) if n in wanted}
+        self.model.runtime.run_on_all_ranks(W + "rank_set_hf_tensors", tensors)
+        self.model._on_weights_changed()
+
+
+class EngineAdapter:
+    """LoRA MeZO: only one adapter's A/B matrices (PEFT names), in the engine's LoRA pool."""
+
+    def __init__(self, model, adapter_name: str):
+        from ..lora.names import engine_key_to_peft
+
+        self.model, self.adapter_name = model, adapter_name
+        loaded = model._adapter_state()[adapter_name]
+        self.lora_id = loaded.lora_id
+        self.peft_names = {(l, m, w): engine_key_to_peft(l, m, w) for (l, m) in loaded.spec.targets for w in "AB"}
+        self.names = sorted(self.peft_names.values())
+
+    def perturb(self, seed: int, scale: float, lora_id: Optional[str] = None) -> None:
+        self.model.runtime.run_on_all_ranks(W + "rank_perturb_adapter", lora_id or self.lora_id, self.peft_names,
+                                            self.names, seed, scale)
+        self.model._on_weights_changed()
+
+    def update(self, seed, lr, projected_grad, weight_decay) -> None:
+        self.model.runtime.run_on_all_ranks(W + "rank_update_adapter", self.lora_id, self.peft_names, self.names, seed,
+                                            lr, projected_grad, weight_decay, [])
+        self.model._on_weights_changed()
+
+    def copy_into(self, other_adapter_name: str) -> str:
+        other = self.model._adapter_state()[other_adapter_name].lora_id
+        self.model.runtime.run_on_all_ranks(W + "rank_copy_adapter", self.lora_id, other)
+        self.model._on_weights_changed()
+        return other
+
+    def load_checkpoint(self, directory: str) -> None:
+        from ..lora.files import read_adapter_dir
+
+        _, state = read_adapter_dir(directory)
+        self.model.runtime.run_on_all_ranks(W + "rank_set_adapter_tensors", self.lora_id, self.peft_names, state)
+        self.model._on_weights_changed()
+
+
+class TorchParameters:
+    """The same MeZO on a plain torch/transformers model (the HF baseline)."""
+
+    def __init__(self, model: torch.nn.Module, include: Optional[Callable[[str], bool]] = None):
+        self.model = model
+        self.slices: Dict[str, NamedSlice] = {
+            n: NamedSlice(n, tuple(p.shape), p.data, tuple(slice(None) for _ in p.shape))
+            for n, p in model.named_parameters() if p.numel() and (include is None or include(n))
+        }
+        self.names = sorted(self.slices)
+
+    def perturb(self, seed: int, scale: float) -> None:
+        add_scaled_directions(self.slices, self.names, seed, scale)
+
+    def update(self, seed, lr, projected_grad, weight_decay) -> None:
+        zo_update(self.slices, self.names, seed, lr, projected_grad, weight_decay, no_decay_names(self.names))
+
+    def load_checkpoint(self, directory: str) -> None:
+        from ..modeling.checkpoint import iter_checkpoint_tensors, locate_checkpoint
+
+        with torch.no_grad():
+            for n, t in iter_checkpoint_tensors(locate_checkpoint(directory)):
+                if n in self.slices:
+                    self.slices[n].view.copy_(t)
