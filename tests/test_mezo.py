@@ -132,3 +132,76 @@ def test_perturb_and_restore_is_round_off_exact(setup, tokenizer):
             target.perturb(seed, EPS)
         after = hf_parameter_slices(model.runtime.model)
         assert max(max_abs_diff(after[n].view, t) for n, t in before.items()) <= 1e-6
+
+
+def test_resume_from_checkpoint_gives_the_same_trajectory(setup, tokenizer, tmp_path):
+    path, hf, rows, template, label_ids = setup
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    torch.manual_seed(1)
+    get_peft_model(copy.deepcopy(hf), config).save_pretrained(tmp_path / "adapter")
+
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):  # an interruption after the step-2 checkpoint
+        def __init__(self, step):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.step is not None and state.global_step >= self.step:
+                control.should_training_stop = True
+
+    def run(out, max_steps, resume=None, stop=None):
+        with SGLangRobertaForMaskedLM.from_pretrained(path) as model:
+            model.load_adapter(tmp_path / "adapter", adapter_name="task")
+            args = MeZOTrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=max_steps,
+                                         learning_rate=LR, weight_decay=WD, zo_eps=EPS, seed=SEED, report_to=[],
+                                         save_strategy="steps", save_steps=2, use_cpu=True,
+                                         remove_unused_columns=False, lr_scheduler_type="linear")
+            trainer = MeZOTrainer(model=PromptClassifier(model, label_ids, tokenizer.mask_token_id), args=args,
+                                  train_dataset=rows, data_collator=PromptCollator(tokenizer, template),
+                                  callbacks=[StopAt(stop)])
+            trainer.train(resume_from_checkpoint=resume)
+            return {k: v.clone() for k, v in model.adapter_tensors("task").items()}, trainer
+
+    straight, _ = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 4, stop=2)
+    assert (tmp_path / "b" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    resumed, trainer = run(tmp_path / "b", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert [h["step"] for h in trainer.zo_history] == [2, 3]
+    assert max(max_abs_diff(straight[k], resumed[k]) for k in straight) <= 1e-6
+
+
+def test_plain_trainer_backprop_fails_pointing_to_mezo(setup, tokenizer, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from sglang_hf_bridge import InferenceOnlyError
+
+    path, hf, rows, template, label_ids = setup
+    with SGLangRobertaForMaskedLM.from_pretrained(path) as model:
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                                 use_cpu=True, remove_unused_columns=False, save_strategy="no")
+        trainer = Trainer(model=PromptClassifier(model, label_ids, tokenizer.mask_token_id), args=args,
+                          train_dataset=rows, data_collator=PromptCollator(tokenizer, template))
+        with pytest.raises(InferenceOnlyError, match="MeZOTrainer"):
+            trainer.train()
+
+
+def test_evaluate_and_predict_with_accuracy(setup, tokenizer, tmp_path):
+    from sglang_hf_bridge.training import accuracy_metrics
+
+    path, hf, rows, template, label_ids = setup
+    with SGLangRobertaForMaskedLM.from_pretrained(path) as model:
+        args = MeZOTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, report_to=[],
+                                     use_cpu=True, remove_unused_columns=False)
+        clf = PromptClassifier(model, label_ids, tokenizer.mask_token_id)
+        trainer = MeZOTrainer(model=clf, args=args, eval_dataset=rows, compute_metrics=accuracy_metrics,
+                              data_collator=PromptCollator(tokenizer, template))
+        metrics = trainer.evaluate()
+        hf_clf = PromptClassifier(hf, label_ids, tokenizer.mask_token_id)
+        batch = PromptCollator(tokenizer, template)(rows)
+        ref = hf_clf(**batch)
+        expected = float((ref["logits"].argmax(-1) == batch["labels"]).float().mean())
+        assert abs(metrics["eval_accuracy"] - expected) < 1e-9
+        assert abs(metrics["eval_loss"] - float(ref["loss"])) <= 1e-5
+        pred = trainer.predict(rows)
+        assert max_abs_diff(torch.as_tensor(pred.predictions), ref["logits"]) <= 1e-5

@@ -102,3 +102,45 @@ def test_second_engine_next_to_tp_engine_is_refused(tp_pair):
     with pytest.raises(RuntimeError, match="holds the parallel runtime"):
         SGLangRobertaForMaskedLM.from_pretrained(path)
     assert model(torch.tensor([[0, 5, 2]])).logits.shape == (1, 3, 50265)
+
+
+def test_mezo_trajectory_equals_tp1_and_reference(tp_pair, tokenizer, tmp_path):
+    """Last in this module: it trains the shared tp=2 model. z is drawn per HF/PEFT name at full
+    shape and sliced per rank, so the trajectory does not depend on tp_size."""
+    from test_mezo import EPS, LR, WD, SEED, RecordingMeZOTrainer, reference_mezo  # noqa: F401
+
+    from conftest import SHARED
+    from sglang_hf_bridge.training import (MeZOTrainingArguments, PromptClassifier, PromptCollator,
+                                           PromptTemplate, load_lmbff_tsv)
+
+    _, hf, model = tp_pair
+    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:16]
+    template = PromptTemplate()
+    label_ids = template.label_word_ids(tokenizer)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
+                                                              init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    for mode in ("lora", "all"):
+        if mode == "lora":
+            model.load_adapter(tmp_path / "adapter", adapter_name="task")
+        args = MeZOTrainingArguments(output_dir=str(tmp_path / mode), per_device_train_batch_size=8, max_steps=2,
+                                     learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant", zo_eps=EPS,
+                                     seed=SEED, report_to=[], save_strategy="no", use_cpu=True,
+                                     remove_unused_columns=False, zo_trainable=mode)
+        trainer = RecordingMeZOTrainer(model=PromptClassifier(model, label_ids, tokenizer.mask_token_id), args=args,
+                                       train_dataset=rows, data_collator=PromptCollator(tokenizer, template))
+        trainer.train()
+        if mode == "lora":
+            params = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
+            reference_mezo(peft_model, params, trainer.seen, label_ids, tokenizer.mask_token_id)
+            ours = model.adapter_state_dict("task")
+            assert max(max_abs_diff(ours[n], p) for n, p in params.items()) <= 1e-6
+            model.delete_adapter(["task", "__zo_plus__", "__zo_minus__"])
+        else:
+            ref_model = copy.deepcopy(hf)
+            reference_mezo(ref_model, dict(ref_model.named_parameters()), trainer.seen, label_ids, tokenizer.mask_token_id)
+            model.save_pretrained(tmp_path / "saved")
+            saved = AutoModelForMaskedLM.from_pretrained(tmp_path / "saved")
+            ref_params = dict(ref_model.named_parameters())
+            assert max(max_abs_diff(p, ref_params[n]) for n, p in saved.named_parameters()) <= 1e-6

@@ -52,7 +52,9 @@ class _InferenceOnlyGrad(torch.autograd.Function):
     def backward(ctx, grad):
         raise InferenceOnlyError(
             "SGLang-backed models are inference-only: their forward runs on the SGLang engine, "
-            "which builds no autograd graph. Train with forward-only methods (MeZO), or load the "
+            "which builds no autograd graph, so a backprop Trainer cannot train them. Use "
+            "sglang_hf_bridge.training.MeZOTrainer with MeZOTrainingArguments (forward-only "
+            "fine-tuning: change the two class names in your Trainer script), or load the "
             "checkpoint into transformers' own class for backpropagation."
         )
 

@@ -88,7 +88,6 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
             return ((loss,) + out) if loss is not None else out
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
-    @torch.no_grad()
     def compute_mlm_logits(
         self,
         input_ids: torch.Tensor,
@@ -134,7 +133,7 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
         flat = torch.cat(parts).to(self.dtype)
         out = torch.empty_like(flat)
         out[torch.tensor(row_major, dtype=torch.long)] = flat
-        return out
+        return self._guard(out)
 
     def _mask_token_id(self, explicit: Optional[int]) -> int:
         if explicit is not None:
