@@ -39,6 +39,13 @@ class MeZOTrainingArguments(TrainingArguments):
             raise ValueError("zo_eps must be > 0 and zo_num_samples >= 1")
 
 
+def _peft_saved_name(name: str) -> str:
+    """PEFT's in-model name -> the name its save_pretrained writes (what z is keyed on)."""
+    import re
+
+    return re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", name)
+
+
 def step_seed(base_seed: int, global_step: int, sample: int) -> int:
     """Seeds come from (args.seed, step, sample): a resumed run replays the same directions."""
     return zlib.crc32(f"{base_seed}:{global_step}:{sample}".encode())
@@ -71,10 +78,11 @@ class MeZOTrainer(Trainer):
             mode = self.args.zo_trainable
             if mode == "auto":
                 mode = "lora" if engine and base.active_adapters() else "all"
-            if mode == "lora":
-                if not engine or not base.active_adapters():
-                    raise ValueError("zo_trainable='lora' needs an engine model with an active adapter "
-                                     "(model.add_adapter / load_adapter)")
+            if mode == "lora" and not engine:  # PEFT on transformers: the same PEFT names as the engine's
+                self._zo_target = TorchParameters(base, include=lambda n: "lora_" in n, rename=_peft_saved_name)
+            elif mode == "lora":
+                if not base.active_adapters():
+                    raise ValueError("zo_trainable='lora' needs an active adapter (model.add_adapter / load_adapter)")
                 self._zo_target = EngineAdapter(base, base.active_adapters()[0])
             else:
                 self._zo_target = EngineWeights(base) if engine else TorchParameters(base)
@@ -113,7 +121,8 @@ class MeZOTrainer(Trainer):
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
         B = ids.shape[0]
         both = torch.cat([ids, ids]), (torch.cat([mask, mask]) if mask is not None else None)
-        logits = self.model.label_logits(*both, adapter_names=[PLUS] * B + [MINUS] * B)
+        with torch.no_grad():
+            logits = self.model.label_logits(*both, adapter_names=[PLUS] * B + [MINUS] * B)
         ce = torch.nn.functional.cross_entropy
         return float(ce(logits[:B], labels)), float(ce(logits[B:], labels))
 

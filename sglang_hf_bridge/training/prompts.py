@@ -77,8 +77,7 @@ class PromptClassifier(nn.Module):
         if self.uses_engine:
             return self.model.compute_mlm_logits(input_ids, attention_mask, vocab_ids=self.label_word_ids,
                                                  mask_token_id=self.mask_token_id, adapter_names=adapter_names)
-        with torch.no_grad():
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # grads when enabled
         return logits[mask_pos][:, self.label_word_ids]
 
     def forward(self, input_ids, attention_mask=None, labels=None, adapter_names=None, **_):

@@ -88,10 +88,11 @@ class EngineAdapter:
 class TorchParameters:
     """The same MeZO on a plain torch/transformers model (the HF baseline)."""
 
-    def __init__(self, model: torch.nn.Module, include: Optional[Callable[[str], bool]] = None):
+    def __init__(self, model: torch.nn.Module, include: Optional[Callable[[str], bool]] = None,
+                 rename: Callable[[str], str] = lambda n: n):
         self.model = model
         self.slices: Dict[str, NamedSlice] = {
-            n: NamedSlice(n, tuple(p.shape), p.data, tuple(slice(None) for _ in p.shape))
+            rename(n): NamedSlice(rename(n), tuple(p.shape), p.data, tuple(slice(None) for _ in p.shape))
             for n, p in model.named_parameters() if p.numel() and (include is None or include(n))
         }
         self.names = sorted(self.slices)
