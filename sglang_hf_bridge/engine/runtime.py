@@ -116,10 +116,7 @@ class EncoderRuntime:
 
     def run_on_all_ranks(self, function_path: str, *args):
         """Call ``function(runtime, *args)`` on every rank (here: one); returns the results."""
-        import importlib
-
-        module_name, fn_name = function_path.rsplit(".", 1)
-        return [getattr(importlib.import_module(module_name), fn_name)(self, *args)]
+        return [call_by_path(function_path, self, *args)]
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -219,6 +216,15 @@ class EncoderRuntime:
                 qo_offset += nq
             results.append(r)
         return results
+
+
+def call_by_path(function_path: str, runtime, *args):
+    """Run ``module.function(runtime, *args)`` named by its dotted path (how operations travel
+    to tensor-parallel workers: by name, never as pickled code)."""
+    import importlib
+
+    module_name, fn_name = function_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module_name), fn_name)(runtime, *args)
 
 
 def _flat(lists: List[List[int]], device) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from .. import compat
 from .config import EngineConfig
-from .runtime import EncoderRuntime
+from .runtime import EncoderRuntime, call_by_path
 
 WORKER_START_TIMEOUT_S = 600
 
@@ -101,11 +101,10 @@ def _run_op(runtime: EncoderRuntime, op: str, args: tuple) -> Any:
     if op == "named_parameters":
         return {n: p.detach().cpu().clone() for n, p in runtime.model.named_parameters()}
     if op == "call":  # a function of (runtime, *args), importable by name
-        import importlib
-
         path, fn_args = args
-        module_name, fn_name = path.rsplit(".", 1)
-        return getattr(importlib.import_module(module_name), fn_name)(runtime, *fn_args)
+        if not path.startswith("sglang_hf_bridge."):
+            raise ValueError(f"workers only run sglang_hf_bridge operations, not {path!r}")
+        return call_by_path(path, runtime, *fn_args)
     raise ValueError(f"unknown worker op {op!r}")
 
 
@@ -228,11 +227,8 @@ class TensorParallelRuntime:
 
     def run_on_all_ranks(self, function_path: str, *args) -> List[Any]:
         """Call ``function(runtime, *args)`` on every rank in lockstep; returns every rank's result."""
-        import importlib
-
         self.workers.send("call", (function_path, args))
-        module_name, fn_name = function_path.rsplit(".", 1)
-        mine = getattr(importlib.import_module(module_name), fn_name)(self.local, *args)
+        mine = call_by_path(function_path, self.local, *args)
         return [mine] + self.workers.receive()
 
     def rank_parameters(self) -> List[Dict[str, Any]]:
