@@ -69,3 +69,35 @@ def test_workers_exit_when_the_user_process_dies(tmp_path):
     while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
         time.sleep(0.5)
     assert not any(os.path.exists(f"/proc/{p}") for p in pids), "orphan TP workers"
+
+
+def test_two_nodes_on_loopback(tmp_path, monkeypatch):
+    """Multi-node TP through SGLang's nnodes / dist_init_addr: this process is node 0 (rank 0), a
+    follower started by hand plays node 1 (rank 1), both on loopback."""
+    import secrets
+
+    from sglang_hf_bridge import compat
+
+    hf = build_checkpoint(tmp_path, "roberta", seed=25)
+    authkey = secrets.token_hex(32)
+    monkeypatch.setenv("SGLANG_HF_BRIDGE_TP_AUTHKEY", authkey)
+    port = compat.free_local_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), SGLANG_HF_BRIDGE_TP_AUTHKEY=authkey)
+    follower = subprocess.Popen([sys.executable, "-m", "sglang_hf_bridge.engine.tp_worker",
+                                 f"127.0.0.1:{port + 1}", "1"], env=env)
+    try:
+        model = SGLangRobertaForMaskedLM.from_pretrained(tmp_path, tp_size=2, nnodes=2,
+                                                         dist_init_addr=f"127.0.0.1:{port}")
+        try:
+            ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])
+            mask = (ids != 1).long()
+            with torch.no_grad():
+                assert max_abs_diff(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits) <= TOL
+            assert model.runtime.workers.procs[0].pid is None  # the rank lives in the follower
+        finally:
+            model.close()
+        follower.wait(timeout=30)
+        assert follower.returncode == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()

@@ -49,6 +49,9 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     tp_size: int = 1
+    nnodes: int = 1  # multi-node TP: SGLang's nnodes / node_rank / dist_init_addr
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None
     max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
     max_sequence_length: int = 512
@@ -70,6 +73,9 @@ class EngineConfig:
             device=self.device,
             dtype=self.dtype,
             tp_size=self.tp_size,
+            nnodes=self.nnodes,
+            node_rank=self.node_rank,
+            dist_init_addr=self.dist_init_addr,
             attention_backend=self.resolved_attention_backend(),
             disable_cuda_graph=True,
             disable_radix_cache=True,  # prefix reuse is wrong for a bidirectional encoder

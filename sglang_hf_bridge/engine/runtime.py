@@ -59,7 +59,8 @@ class EncoderRuntime:
         ModelRegistry.models[cfg.architecture] = self.model_class
         port = self.dist_port or compat.free_local_port()
         server_args = ServerArgs(**cfg.server_args_kwargs(port))
-        publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=self.rank, gpu_id=self.rank))
+        local_rank = self.rank % max(1, cfg.tp_size // cfg.nnodes)  # device / core slot on this node
+        publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=self.rank, gpu_id=local_rank))
         compat.init_process_global_configs()
         model_config = ModelConfig.from_server_args(server_args)
         compat.init_parallel_runtime_once(bootstrap, server_args, cfg.device, port, cfg.tp_size)
@@ -71,7 +72,7 @@ class EncoderRuntime:
             mr = ModelRunner(
                 model_config=model_config,
                 mem_fraction_static=0.9,
-                gpu_id=self.rank,
+                gpu_id=local_rank,
                 nccl_port=port,
                 server_args=server_args,
             )

@@ -14,6 +14,7 @@ import pickle
 import secrets
 import subprocess
 import sys
+import time
 import traceback
 from multiprocessing.connection import Client, Listener
 from typing import Any, Dict, List, Optional
@@ -41,19 +42,36 @@ class WorkerError(RuntimeError):
 
 
 def worker_entry() -> None:
-    """``python -m sglang_hf_bridge.engine.tp ADDRESS_PORT RANK`` (authkey in the environment).
+    """``python -m sglang_hf_bridge.engine.tp_worker [HOST:]PORT RANK`` (authkey in the
+    environment variable SGLANG_HF_BRIDGE_TP_AUTHKEY, hex).
 
-    Workers are plain subprocesses rather than multiprocessing children, so user scripts need
-    no ``if __name__ == "__main__"`` guard (spawn would re-import them)."""
-    compat.set_parent_death_signal()
-    port, rank = int(sys.argv[1]), int(sys.argv[2])
+    Local workers are plain subprocesses rather than multiprocessing children, so user scripts
+    need no ``if __name__ == "__main__"`` guard (spawn would re-import them). On another node the
+    user starts the same command for each of that node's ranks (a "follower"), pointing at rank
+    0's command address and sharing the authkey."""
+    address, rank = sys.argv[1], int(sys.argv[2])
+    host, _, port = address.rpartition(":")
+    if not host:
+        compat.set_parent_death_signal()  # a local worker dies with rank 0's process
     authkey = bytes.fromhex(os.environ.pop("SGLANG_HF_BRIDGE_TP_AUTHKEY"))
-    conn = Client(("127.0.0.1", port), authkey=authkey)
+    deadline = time.monotonic() + (WORKER_START_TIMEOUT_S if host else 60)
+    while True:  # a follower may start before rank 0 listens
+        try:
+            conn = Client((host or "127.0.0.1", int(port)), authkey=authkey)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    _send(conn, ("hello", rank))
     config, model_class_path, checkpoint_dir, dist_port = _recv(conn)
     _worker_main(config, model_class_path, checkpoint_dir, rank, dist_port, conn)
 
 
 def _worker_main(config: EngineConfig, model_class_path: str, checkpoint_dir: str, rank: int, port: int, conn) -> None:
+    import dataclasses
+
+    config = dataclasses.replace(config, node_rank=rank // max(1, config.tp_size // config.nnodes))
     os.environ.update(compat.cpu_tensor_parallel_environment(config.tp_size) if config.device == "cpu" else {})
     try:
         import importlib
@@ -106,6 +124,22 @@ def _run_op(runtime: EncoderRuntime, op: str, args: tuple) -> Any:
             raise ValueError(f"workers only run sglang_hf_bridge operations, not {path!r}")
         return call_by_path(path, runtime, *fn_args)
     raise ValueError(f"unknown worker op {op!r}")
+
+
+class _RemoteRank:
+    """Stands in for a Popen of a rank that runs on another node (its liveness is its socket)."""
+
+    def __init__(self, rank: int):
+        self.rank, self.pid, self.returncode = rank, None, None
+
+    def poll(self):
+        return self.returncode
+
+    def kill(self):
+        pass
+
+    def wait(self, timeout=None):
+        return self.returncode
 
 
 class _Workers:
@@ -179,17 +213,34 @@ class TensorParallelRuntime:
             os.environ.update(compat.cpu_tensor_parallel_environment(cfg.tp_size))
         port = compat.free_local_port()
         path = f"{self.model_class.__module__}.{self.model_class.__qualname__}"
-        authkey = secrets.token_bytes(32)
+        local_ranks = cfg.tp_size // cfg.nnodes
+        if cfg.nnodes > 1:
+            # Followers on other nodes connect to rank 0's command address with a shared authkey.
+            if not cfg.dist_init_addr or "SGLANG_HF_BRIDGE_TP_AUTHKEY" not in os.environ:
+                raise ValueError("multi-node TP needs dist_init_addr='HOST:PORT' and the shared authkey in "
+                                 "SGLANG_HF_BRIDGE_TP_AUTHKEY (hex) on every node")
+            host, _, dport = cfg.dist_init_addr.rpartition(":")
+            authkey = bytes.fromhex(os.environ["SGLANG_HF_BRIDGE_TP_AUTHKEY"])
+            listen = (host, int(dport) + 1)
+        else:
+            authkey, listen = secrets.token_bytes(32), ("127.0.0.1", 0)
         env = dict(os.environ, SGLANG_HF_BRIDGE_TP_AUTHKEY=authkey.hex())
         try:
-            with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
-                for rank in range(1, cfg.tp_size):
-                    p = subprocess.Popen([sys.executable, "-m", "sglang_hf_bridge.engine.tp_worker",
-                                          str(listener.address[1]), str(rank)], env=env)
-                    self.workers.procs.append(p)
+            with Listener(listen, authkey=authkey) as listener:
+                for rank in range(1, local_ranks):
+                    self.workers.procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "sglang_hf_bridge.engine.tp_worker", str(listener.address[1]), str(rank)],
+                        env=env))
+                by_rank = {}
+                while len(by_rank) < cfg.tp_size - 1:
                     conn = listener.accept()
+                    _, rank = _recv(conn)
+                    by_rank[rank] = conn
+                local = list(self.workers.procs)
+                self.workers.procs = [local[r - 1] if r < local_ranks else _RemoteRank(r) for r in sorted(by_rank)]
+                self.workers.conns = [by_rank[r] for r in sorted(by_rank)]
+                for conn in self.workers.conns:
                     _send(conn, (cfg, path, self.checkpoint_dir, port))
-                    self.workers.conns.append(conn)
         except BaseException:
             self.close()
             raise

@@ -147,12 +147,23 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
         check_tensor_parallel_size(config, tp_size)
+        nnodes = int(engine_options.pop("nnodes", 1))
+        node_rank = int(engine_options.pop("node_rank", 0))
+        dist_init_addr = engine_options.pop("dist_init_addr", None)
+        if node_rank != 0:
+            raise ValueError("the process that calls from_pretrained is rank 0 (node_rank=0); start the other "
+                             "nodes' ranks with `python -m sglang_hf_bridge.engine.tp_worker HOST:PORT RANK`")
+        if nnodes < 1 or tp_size % nnodes:
+            raise ValueError(f"nnodes={nnodes} must divide tp_size={tp_size}")
         engine_config = EngineConfig(
             model_path=files.directory,
             architecture=cls.sglang_architecture,
             device=torch_device.type,
             dtype=str(torch_dtype).replace("torch.", ""),
             tp_size=tp_size,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            dist_init_addr=dist_init_addr,
             max_sequence_length=config.max_position_embeddings - config.pad_token_id - 1,
             engine_options=dict(engine_options),
             lora=LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
