@@ -27,6 +27,7 @@ from _common import REPO, SHARED, TOKENIZER_DIR, report, roberta_base_checkpoint
 
 CASES = {
     "a": "MeZO step, transformers (reference way: mask-only LM head)",
+    "a2": "MeZOTrainer full-parameter, transformers",
     "b": "MeZOTrainer full-parameter, engine",
     "c": "MeZOTrainer LoRA, sequential +/- passes, engine",
     "d": "MeZOTrainer LoRA, paired +/- batch, engine",
@@ -45,7 +46,6 @@ def run_case(case: str, steps: int) -> dict:
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
     from sglang_hf_bridge.training import (MeZOTrainer, MeZOTrainingArguments, PromptClassifier, PromptCollator,
                                            PromptTemplate, load_lmbff_tsv)
-    from sglang_hf_bridge.training.zo import TorchParameters
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     template = PromptTemplate()
@@ -55,7 +55,17 @@ def run_case(case: str, steps: int) -> dict:
     ckpt = roberta_base_checkpoint()
     times = []
 
-    if case in ("a", "e"):
+    if case == "a2":
+        hf = RobertaForMaskedLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+        clf = PromptClassifier(hf, label_ids, tok.mask_token_id)
+        args = MeZOTrainingArguments(output_dir="/tmp/bench-mezo", learning_rate=1e-6, zo_eps=1e-3, report_to=[],
+                                     use_cpu=True, remove_unused_columns=False, zo_trainable="all")
+        trainer = MeZOTrainer(model=clf, args=args)
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            trainer.training_step(clf, dict(batch))
+            times.append(time.perf_counter() - t0)
+    elif case in ("a", "e"):
         hf = RobertaForMaskedLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
 
         def loss_fn():
@@ -64,16 +74,29 @@ def run_case(case: str, steps: int) -> dict:
             return torch.nn.functional.cross_entropy(logits, batch["labels"])
 
         if case == "a":
-            target = TorchParameters(hf)
+            # princeton-nlp/MeZO's trainer: torch.manual_seed(seed), then per parameter
+            # z = torch.normal(...) for each of the four passes (+eps, -2eps, +eps, update).
+            params = [p for p in hf.parameters()]
+
+            def perturb(seed, scale):
+                torch.manual_seed(seed)
+                for p in params:
+                    z = torch.normal(mean=0, std=1, size=p.data.size(), dtype=p.data.dtype)
+                    p.data = p.data + scale * z
+
             for step in range(steps + 1):
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    target.perturb(step, 1e-3)
+                    perturb(step, 1e-3)
                     lp = float(loss_fn())
-                    target.perturb(step, -2e-3)
+                    perturb(step, -2e-3)
                     lm = float(loss_fn())
-                    target.perturb(step, 1e-3)
-                    target.update(step, 1e-6, (lp - lm) / 2e-3, 0.0)
+                    perturb(step, 1e-3)
+                    g = (lp - lm) / 2e-3
+                    torch.manual_seed(step)
+                    for p in params:
+                        z = torch.normal(mean=0, std=1, size=p.data.size(), dtype=p.data.dtype)
+                        p.data = p.data - 1e-6 * (g * z + 0.0 * p.data)
                 times.append(time.perf_counter() - t0)
         else:
             hf.train()

@@ -7,6 +7,7 @@ zero-shot and every --eval-every steps on the 872 test sentences; writes metrics
 
     python examples/mezo_sst2.py --mode lora --steps 600
     python examples/mezo_sst2.py --mode lora --baselines --time-budget 600   # + HF MeZO, backprop
+    python examples/mezo_sst2.py --mode lora --lora-layers 4,5               # top layers: frozen-layer cache
     python examples/mezo_sst2.py --smoke                                     # seconds, for CI
 """
 
@@ -84,6 +85,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="default 1e-3 (lora) / 1e-5 (full)")
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-layers", help="comma-separated layers_to_transform (default: every layer)")
+    ap.add_argument("--top-layers", type=int, default=0, help="full mode: train only the top k layers + LM head")
+    ap.add_argument("--no-frozen-cache", action="store_true",
+                    help="do not cache the states entering the lowest trained layer (engine only)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test sentences (0 = all)")
     ap.add_argument("--split", default="512-42")
@@ -116,7 +121,9 @@ def main() -> None:
         test_rows = test_rows[: a.eval_limit]
     collator = PromptCollator(tok, template)
     test_batches = [collator(test_rows[i : i + 128]) for i in range(0, len(test_rows), 128)]
-    lora_cfg = LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, target_modules=["query", "value"])
+    layers = [int(x) for x in a.lora_layers.split(",")] if a.lora_layers else None
+    lora_cfg = LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, target_modules=["query", "value"],
+                          layers_to_transform=layers)
 
     def evaluator(clf):
         def evaluate():
@@ -131,7 +138,8 @@ def main() -> None:
                   save_strategy="no", logging_steps=max(1, a.eval_every // 5), use_cpu=True,
                   remove_unused_columns=False, disable_tqdm=True)
     mezo_kwargs = dict(common, learning_rate=lr, zo_eps=a.eps, lr_scheduler_type="constant",
-                       zo_trainable="lora" if a.mode == "lora" else "all")
+                       zo_trainable="lora" if a.mode == "lora" else "all", zo_top_layers=a.top_layers,
+                       zo_frozen_layer_cache=not a.no_frozen_cache)
     results = []
     with tempfile.TemporaryDirectory() as work:
         engine = SGLangRobertaForMaskedLM.from_pretrained(model_dir, max_lora_rank=max(16, a.lora_rank))

@@ -144,3 +144,31 @@ def test_mezo_trajectory_equals_tp1_and_reference(tp_pair, tokenizer, tmp_path):
             saved = AutoModelForMaskedLM.from_pretrained(tmp_path / "saved")
             ref_params = dict(ref_model.named_parameters())
             assert max(max_abs_diff(p, ref_params[n]) for n, p in saved.named_parameters()) <= 1e-6
+
+
+def test_caches_under_tensor_parallelism(tp_pair, tokenizer):
+    """The front decides hits and evictions once; every rank keeps the same frozen-layer states."""
+    from sglang_hf_bridge.training.zo import EngineWeights
+
+    _, _, model = tp_pair
+    enc = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
+    ref = model(**enc).logits  # uncached (earlier tests trained this model: HF's weights are not its own)
+    model.enable_result_cache(16)
+    model.enable_frozen_layer_cache(1)
+    try:
+        first, second = model(**enc).logits, model(**enc).logits
+        assert torch.equal(first, second) and max_abs_diff(first, ref) <= 1e-6
+        stats = model.cache_stats()
+        assert stats["result"]["hits"] == 3 and stats["frozen_layer"]["misses"] == 3
+        for layer in (1, 0):  # above the frozen layer (entries kept), then below it (entries dropped)
+            top = EngineWeights(model, lambda n: f".layer.{layer}." in n)
+            top.perturb(5, 0.05)
+            changed = model(**enc).logits
+            model.clear_caches()
+            assert max_abs_diff(changed, model(**enc).logits) <= 1e-6 and max_abs_diff(changed, ref) > 1e-4
+            top.perturb(5, -0.05)
+        assert max_abs_diff(model(**enc).logits, ref) <= 1e-5
+        assert model.engine_pool_stats() == model.runtime.initial_pool_stats
+    finally:
+        model.disable_result_cache()
+        model.disable_frozen_layer_cache()

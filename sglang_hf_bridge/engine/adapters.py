@@ -112,6 +112,7 @@ class AdapterPool:
         if not getattr(result, "success", True):
             raise AdapterError(f"SGLang refused adapter {name!r}: {result.error_message}")
         adapter = EngineAdapter(ref.lora_id, name, rank, scaling, weights)
+        self.runtime.caches.versions.bump_adapter(ref.lora_id)
         self.adapters[ref.lora_id] = adapter
         self._lora_refs[ref.lora_id] = ref
         self.make_resident(adapter)
@@ -121,7 +122,7 @@ class AdapterPool:
         """Bring the adapter into the pool now (a one-token pass) and take views of its slot."""
         from .types import EncoderCall, EncoderSequence
 
-        self.runtime.forward(EncoderCall(
+        self.runtime.forward_on_rank(EncoderCall(
             sequences=[EncoderSequence(input_ids=[0], position_ids=[self.runtime.model.config.pad_token_id + 1],
                                        lora_id=adapter.lora_id)],
             logits="none",
@@ -147,5 +148,6 @@ class AdapterPool:
     def unload(self, lora_id: str) -> None:
         ref = self._lora_refs.pop(lora_id)
         self.adapters.pop(lora_id)
+        self.runtime.caches.versions.bump_adapter(lora_id)
         with compat.no_pinning():
             self.runtime.model_runner.unload_lora_adapter(ref)

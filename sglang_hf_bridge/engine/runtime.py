@@ -13,8 +13,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from .. import compat
+from .caching import EngineCaches
 from .config import EngineConfig
+from .frozen_cache import FrozenStateStore
 from .scheduler import plan_chunks
+from .versions import apply_effect
 from .types import EncoderCall, EncoderResult, PassInputs, QueryOnlyLoRA, QueryOnlyTokens, SequenceResult
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ class EncoderRuntime:
         self._closed = False
         self._holds_parallel_runtime = False
         self._adapters = None
+        self.caches = EngineCaches(self)  # used where this runtime is the front (tp_size == 1)
+        self.frozen_store = FrozenStateStore()  # this rank's frozen-layer states
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -87,6 +92,7 @@ class EncoderRuntime:
 
     def load_weights(self, weights: WeightIterator) -> None:
         """Load HF-named tensors; every engine parameter must be filled."""
+        self.caches.versions.bump_base(None)
         loaded = self.model.load_weights(weights)
         missing = sorted(self.model.expected_loaded_names() - set(loaded))
         if missing:
@@ -98,6 +104,7 @@ class EncoderRuntime:
             return
         self._closed = True
         self.model_runner = self.model = None
+        self.frozen_store.tensors.clear()
         if self._holds_parallel_runtime:
             self._holds_parallel_runtime = False
             compat.release_parallel_runtime()
@@ -116,8 +123,12 @@ class EncoderRuntime:
         return self.model_runner
 
     def run_on_all_ranks(self, function_path: str, *args):
-        """Call ``function(runtime, *args)`` on every rank (here: one); returns the results."""
-        return [call_by_path(function_path, self, *args)]
+        """Call ``function(runtime, *args)`` on every rank (here: one); returns the results.
+        The weight versions move by what the function declares it writes (``versions.writes``)."""
+        try:
+            return [call_by_path(function_path, self, *args)]
+        finally:
+            apply_effect(self.caches.versions, resolve_path(function_path), args)
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -143,8 +154,19 @@ class EncoderRuntime:
         return QueryOnlyLoRA(groups=groups)
 
     # ------------------------------------------------------------------ forward
-    @torch.no_grad()
     def forward(self, call: EncoderCall) -> EncoderResult:
+        """Run one call through the caches (when configured) and the engine."""
+        self._runner()
+        return self.caches.forward(call, self.forward_on_rank)
+
+    def forward_on_rank(self, call: EncoderCall) -> EncoderResult:
+        """This rank's share of a call whose caching the front has already decided."""
+        if call.frozen is not None:
+            return self.frozen_store.apply(call, self._forward_engine)
+        return self._forward_engine(call)
+
+    @torch.no_grad()
+    def _forward_engine(self, call: EncoderCall) -> EncoderResult:
         mr = self._runner()
         results: List[SequenceResult] = [None] * len(call.sequences)  # type: ignore[list-item]
         budget = min(self.config.max_num_tokens, mr.token_to_kv_pool_allocator.available_size())
@@ -168,7 +190,13 @@ class EncoderRuntime:
             token_type_ids=_flat([s.token_type_ids or [0] * n for s, n in zip(seqs, lens)], device),
             collect_hidden_states=call.output_hidden_states,
             query_only=_query_only_tokens(seqs, starts, device, self._query_only_lora),
+            start_layer=call.start_layer,
+            stop_layer=call.stop_layer,
         )
+        if call.start_layer:
+            pass_inputs.initial_hidden = torch.cat([s.initial_hidden for s in seqs]).to(device)
+            qo = [s.query_only_initial for s in seqs if s.query_only]
+            pass_inputs.query_only_initial = torch.cat(qo).to(device) if qo else None
         with compat.no_pinning(), ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
             self.model.pass_inputs = pass_inputs
             try:
@@ -210,6 +238,8 @@ class EncoderRuntime:
                 r.last_hidden = hidden[st : st + n]
             nq = len(s.query_only or [])
             if nq:
+                if call.return_last_hidden:
+                    r.query_only_last_hidden = p.query_only_last[qo_offset : qo_offset + nq]
                 if qo_logits is not None:
                     r.query_only_logits = qo_logits[qo_offset : qo_offset + nq]
                 if call.output_hidden_states:
@@ -219,13 +249,17 @@ class EncoderRuntime:
         return results
 
 
-def call_by_path(function_path: str, runtime, *args):
-    """Run ``module.function(runtime, *args)`` named by its dotted path (how operations travel
-    to tensor-parallel workers: by name, never as pickled code)."""
+def resolve_path(function_path: str):
     import importlib
 
     module_name, fn_name = function_path.rsplit(".", 1)
-    return getattr(importlib.import_module(module_name), fn_name)(runtime, *args)
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def call_by_path(function_path: str, runtime, *args):
+    """Run ``module.function(runtime, *args)`` named by its dotted path (how operations travel
+    to tensor-parallel workers: by name, never as pickled code)."""
+    return resolve_path(function_path)(runtime, *args)
 
 
 def _flat(lists: List[List[int]], device) -> torch.Tensor:

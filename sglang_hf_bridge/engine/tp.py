@@ -21,7 +21,9 @@ from typing import Any, Dict, List, Optional
 
 from .. import compat
 from .config import EngineConfig
-from .runtime import EncoderRuntime, call_by_path
+from .caching import EngineCaches
+from .runtime import EncoderRuntime, call_by_path, resolve_path
+from .versions import apply_effect
 
 WORKER_START_TIMEOUT_S = 600
 
@@ -108,7 +110,7 @@ def _worker_main(config: EngineConfig, model_class_path: str, checkpoint_dir: st
 def _run_op(runtime: EncoderRuntime, op: str, args: tuple) -> Any:
     """One engine operation, the same on every rank."""
     if op == "forward":
-        runtime.forward(*args)
+        runtime.forward_on_rank(*args)
         return None
     if op == "adapter_load":
         runtime.adapters.load(*args)
@@ -205,6 +207,7 @@ class TensorParallelRuntime:
         self.local: Optional[EncoderRuntime] = None
         self.workers = _Workers()
         self._adapters = None
+        self.caches = EngineCaches(self)
 
     def start(self, weights) -> "TensorParallelRuntime":
         cfg = self.config
@@ -271,16 +274,24 @@ class TensorParallelRuntime:
         return self.local.pool_stats()
 
     def forward(self, call):
+        """The caches decide once, here; every rank then runs the same reduced call."""
+        self.local._runner()
+        return self.caches.forward(call, self._forward_all_ranks)
+
+    def _forward_all_ranks(self, call):
         self.workers.send("forward", (call,))
-        result = self.local.forward(call)
+        result = self.local.forward_on_rank(call)
         self.workers.receive()
         return result
 
     def run_on_all_ranks(self, function_path: str, *args) -> List[Any]:
         """Call ``function(runtime, *args)`` on every rank in lockstep; returns every rank's result."""
-        self.workers.send("call", (function_path, args))
-        mine = call_by_path(function_path, self.local, *args)
-        return [mine] + self.workers.receive()
+        try:
+            self.workers.send("call", (function_path, args))
+            mine = call_by_path(function_path, self.local, *args)
+            return [mine] + self.workers.receive()
+        finally:
+            apply_effect(self.caches.versions, resolve_path(function_path), args)
 
     def rank_parameters(self) -> List[Dict[str, Any]]:
         """Every rank's engine parameters (its shards), rank 0 first."""
@@ -317,12 +328,14 @@ class _TPAdapters:
         import uuid
 
         lora_id = lora_id or uuid.uuid4().hex
+        self.tp.caches.versions.bump_adapter(lora_id)
         self.tp.workers.send("adapter_load", (name, weights, rank, scaling, lora_id))
         adapter = self.tp.local.adapters.load(name, weights, rank, scaling, lora_id)
         self.tp.workers.receive()
         return adapter
 
     def unload(self, lora_id):
+        self.tp.caches.versions.bump_adapter(lora_id)
         self.tp.workers.send("adapter_unload", (lora_id,))
         self.tp.local.adapters.unload(lora_id)
         self.tp.workers.receive()

@@ -11,6 +11,8 @@ from typing import Dict, List
 
 import torch
 
+from .versions import writes
+
 ROW_SPLIT_SUFFIXES = ("o_proj.weight", "down_proj.weight")
 COLUMN_SPLIT_SUFFIXES = ("fc_in.weight", "fc_in.bias", "word_embeddings.weight", "lm_head.bias",
                          "lm_head.decoder.weight")
@@ -45,6 +47,7 @@ def merge_lora(module: str, which: str, shards: List[torch.Tensor]) -> torch.Ten
     return shards[0] if row_parallel else torch.cat(shards, dim=0)
 
 
+@writes(None)
 def adapter_views_cloned(runtime, lora_id: str):
     """Run on every rank: that rank's A/B views of an adapter, copied to CPU."""
     adapter = runtime.adapters.adapters[lora_id]

@@ -6,7 +6,7 @@ Everything here is plain tensors and lists; nothing knows about transformers' ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Hashable, List, Optional
 
 import torch
 
@@ -42,6 +42,11 @@ class PassInputs:
     token_type_ids: torch.Tensor
     collect_hidden_states: bool = False
     query_only: Optional[QueryOnlyTokens] = None
+    # Run layers [start_layer, stop_layer) only; from start_layer > 0 the states entering it are given.
+    start_layer: int = 0
+    stop_layer: Optional[int] = None
+    initial_hidden: Optional[torch.Tensor] = None  # [num_tokens, H]
+    query_only_initial: Optional[torch.Tensor] = None  # [P, H]
     # outputs the model fills in
     hidden_states: Optional[List[torch.Tensor]] = None
     query_only_hidden_states: Optional[List[torch.Tensor]] = None
@@ -60,6 +65,9 @@ class EncoderSequence:
     # HF padded positions of this row that must be computed as query-only tokens.
     query_only: Optional[List["QueryOnlySpec"]] = None
     lora_id: Optional[str] = None
+    # States entering the call's start_layer (from the frozen-layer cache), [len, H] / [n_query_only, H].
+    initial_hidden: Optional[torch.Tensor] = None
+    query_only_initial: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -79,6 +87,23 @@ class EncoderCall:
     vocab_ids: Optional[List[int]] = None
     output_hidden_states: bool = False
     return_last_hidden: bool = False
+    # Layer range (see PassInputs); last_hidden is then the state leaving layer stop_layer - 1.
+    start_layer: int = 0
+    stop_layer: Optional[int] = None
+    frozen: Optional["FrozenPlan"] = None
+
+
+@dataclass
+class FrozenPlan:
+    """Frozen-layer cache instructions for one call, decided once by the front and applied by
+    every rank to its own store (so tensor-parallel ranks hold the same entries).
+
+    ``layer`` None: only apply ``evict`` and run the call normally."""
+
+    layer: Optional[int]
+    keys: List[Hashable]  # one per sequence
+    compute: List[int]  # sequences whose states entering ``layer`` are computed and stored now
+    evict: List[Hashable]
 
 
 @dataclass
@@ -88,6 +113,7 @@ class SequenceResult:
     last_hidden: Optional[torch.Tensor] = None  # [len, H]
     query_only_logits: Optional[torch.Tensor] = None  # [n_query_only, V']
     query_only_hidden_states: Optional[List[torch.Tensor]] = None  # per layer [n_q, H]
+    query_only_last_hidden: Optional[torch.Tensor] = None  # [n_q, H] (with return_last_hidden)
 
 
 @dataclass

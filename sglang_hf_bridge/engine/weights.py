@@ -10,22 +10,14 @@ ranks can run them in lockstep (``TensorParallelRuntime.run_on_all_ranks``).
 
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..sglang_models.roberta_mlm import engine_to_checkpoint_names
 from .adapters import MODULE_SLICES
-
-
-@dataclass
-class NamedSlice:
-    name: str  # HF / PEFT name
-    full_shape: Tuple[int, ...]
-    view: torch.Tensor  # this rank's engine memory
-    index: Tuple[slice, ...]  # where ``view`` sits inside the full tensor
+from .versions import writes
+from .directions import NamedSlice, add_scaled_directions, direction, zo_update  # noqa: F401 (re-exported)
 
 
 def _tp():
@@ -98,51 +90,30 @@ def adapter_slices(runtime, lora_id: str, peft_names: Dict[Tuple[int, str, str],
     return out
 
 
-def direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
-    """The random direction z of one HF-named tensor: N(0, 1), drawn from (seed, name) alone."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
-
-
-def add_scaled_directions(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int, scale: float) -> None:
-    """theta <- theta + scale * z (in place)."""
-    with torch.no_grad():
-        for name in names:
-            s = slices[name]
-            s.view.add_(direction(seed, name, s.full_shape)[s.index].to(s.view.dtype), alpha=scale)
-
-
-def zo_update(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int, lr: float, projected_grad: float,
-              weight_decay: float, no_decay: Sequence[str]) -> None:
-    """theta <- theta - lr * (g * z + wd * theta), z regenerated from the seed (MeZO's update)."""
-    no_decay = set(no_decay)
-    with torch.no_grad():
-        for name in names:
-            s = slices[name]
-            z = direction(seed, name, s.full_shape)[s.index].to(s.view.dtype)
-            if weight_decay and name not in no_decay:
-                s.view.sub_(lr * (projected_grad * z + weight_decay * s.view))
-            else:
-                s.view.sub_(z, alpha=lr * projected_grad)
-
-
 # --- lockstep entry points (``function(runtime, *args)``) --------------------------------------
+@writes(lambda names, *_: ("base", names))
 def rank_perturb_weights(runtime, names: List[str], seed: int, scale: float) -> None:
     add_scaled_directions(hf_parameter_slices(runtime.model), names, seed, scale)
 
 
-def rank_update_weights(runtime, names, seed, lr, projected_grad, weight_decay, no_decay) -> None:
-    zo_update(hf_parameter_slices(runtime.model), names, seed, lr, projected_grad, weight_decay, no_decay)
+@writes(lambda names, *_: ("base", names))
+def rank_update_weights(runtime, names, seed, lr, projected_grad, weight_decay, no_decay, restore=0.0) -> None:
+    zo_update(hf_parameter_slices(runtime.model), names, seed, lr, projected_grad, weight_decay, no_decay, restore)
 
 
+@writes(lambda lora_id, *_: ("adapter", lora_id))
 def rank_perturb_adapter(runtime, lora_id: str, peft_names, names, seed: int, scale: float) -> None:
     add_scaled_directions(adapter_slices(runtime, lora_id, peft_names), names, seed, scale)
 
 
-def rank_update_adapter(runtime, lora_id, peft_names, names, seed, lr, projected_grad, weight_decay, no_decay) -> None:
-    zo_update(adapter_slices(runtime, lora_id, peft_names), names, seed, lr, projected_grad, weight_decay, no_decay)
+@writes(lambda lora_id, *_: ("adapter", lora_id))
+def rank_update_adapter(runtime, lora_id, peft_names, names, seed, lr, projected_grad, weight_decay, no_decay,
+                        restore=0.0) -> None:
+    zo_update(adapter_slices(runtime, lora_id, peft_names), names, seed, lr, projected_grad, weight_decay, no_decay,
+              restore)
 
 
+@writes(lambda source_id, target_id: ("adapter", target_id))
 def rank_copy_adapter(runtime, source_id: str, target_id: str) -> None:
     """Copy one adapter's matrices into another loaded with the same targets and rank."""
     src, dst = runtime.adapters.adapters[source_id], runtime.adapters.adapters[target_id]
@@ -152,6 +123,7 @@ def rank_copy_adapter(runtime, source_id: str, target_id: str) -> None:
             dst.views[key][1].copy_(b)
 
 
+@writes(lambda tensors: ("base", list(tensors)))
 def rank_set_hf_tensors(runtime, tensors: Dict[str, torch.Tensor]) -> None:
     """Write full HF-shaped tensors into this rank's engine memory (checkpoint resume)."""
     slices = hf_parameter_slices(runtime.model)
@@ -161,6 +133,7 @@ def rank_set_hf_tensors(runtime, tensors: Dict[str, torch.Tensor]) -> None:
             s.view.copy_(value[s.index].to(s.view.dtype))
 
 
+@writes(lambda lora_id, *_: ("adapter", lora_id))
 def rank_set_adapter_tensors(runtime, lora_id: str, peft_names, state: Dict[str, torch.Tensor]) -> None:
     """Write full PEFT-shaped adapter matrices into this rank's slot (checkpoint resume)."""
     slices = adapter_slices(runtime, lora_id, peft_names)

@@ -109,7 +109,6 @@ class SGLangAdapterMixin:
         self._adapter_state()[name] = LoadedAdapter(name, engine.lora_id, config, spec)
         self._bridge_active = name
         self._bridge_enabled = True
-        self._on_weights_changed()
 
     # ------------------------------------------------------------------ selection
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
@@ -122,17 +121,14 @@ class SGLangAdapterMixin:
         if adapter_name not in self._adapter_state():
             raise ValueError(f"no adapter named {adapter_name!r}; loaded: {sorted(self._adapter_state())}")
         self._bridge_active = adapter_name
-        self._on_weights_changed()
 
     def disable_adapters(self) -> None:
         self._adapter_state()
         self._bridge_enabled = False
-        self._on_weights_changed()
 
     def enable_adapters(self) -> None:
         self._adapter_state()
         self._bridge_enabled = True
-        self._on_weights_changed()
 
     def active_adapters(self) -> List[str]:
         self._adapter_state()
@@ -154,7 +150,6 @@ class SGLangAdapterMixin:
             self.runtime.adapters.unload(state.pop(name).lora_id)
             if self._bridge_active == name:
                 self._bridge_active = next(iter(state), None)
-        self._on_weights_changed()
 
     @property
     def peft_config(self) -> Dict[str, object]:
@@ -231,10 +226,6 @@ class SGLangAdapterMixin:
                 raise ValueError(f"adapter_names: no adapter named {name!r}; loaded: {sorted(state)} "
                                  f"(use {BASE_ADAPTER!r} for the base model)")
         return ids
-
-    def _on_weights_changed(self) -> None:
-        """Hook for caches keyed on weights/adapters (bumped on every change)."""
-        self._weights_version = getattr(self, "_weights_version", 0) + 1
 
 
 def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec):

@@ -19,6 +19,7 @@ from ..engine.config import EngineConfig, LoRAEngineConfig
 from ..engine.runtime import EncoderRuntime
 from ..engine.tp import TensorParallelRuntime
 from .adapters import SGLangAdapterMixin
+from .caching import EngineCacheMixin
 from .checkpoint import (
     CheckpointError,
     checkpoint_tensor_names,
@@ -95,7 +96,7 @@ def check_tensor_parallel_size(config, tp_size: int) -> None:
         raise ValueError(f"tp_size={tp_size} does not divide {', '.join(problems)}")
 
 
-class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
+class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedModel):
     """PreTrainedModel whose weights live in an SGLang ModelRunner, not in torch parameters."""
 
     base_model_prefix = "roberta"
@@ -126,6 +127,7 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
         enable_lora: bool = True,
         max_lora_rank: int = 16,
         max_loras: int = 8,
+        result_cache_mb: float = 0.0,
         **engine_options: Any,
     ):
         """Load a local HF masked-LM checkpoint onto a new SGLang engine.
@@ -133,7 +135,8 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
         ``max_num_tokens`` is the engine's token budget (KV pool size and the largest batch one
         engine pass carries); larger calls are split. ``enable_lora`` starts SGLang's LoRA
         machinery with room for ``max_loras`` resident adapters of rank <= ``max_lora_rank``.
-        ``engine_options`` go to SGLang's ``ServerArgs`` unchanged.
+        ``result_cache_mb`` > 0 turns the whole-sequence result cache on (see
+        ``enable_result_cache``). ``engine_options`` go to SGLang's ``ServerArgs`` unchanged.
         """
         files = locate_checkpoint(pretrained_model_name_or_path)
         try:
@@ -192,6 +195,8 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, PreTrainedModel):
         model.name_or_path = files.directory
         model.config.name_or_path = files.directory
         model.eval()
+        if result_cache_mb:
+            model.enable_result_cache(result_cache_mb)
         return model
 
     # ------------------------------------------------------------------ lifecycle

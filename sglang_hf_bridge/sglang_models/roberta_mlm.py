@@ -283,14 +283,17 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         p = self.pass_inputs
         if p is None:
             raise RuntimeError("SGLangBridgeRobertaForMaskedLM needs pass_inputs from the runtime")
-        x = self.embeddings(input_ids, p.position_ids, p.token_type_ids)
+        # Layers [start, stop): from start > 0 the states entering it come from the frozen-layer cache.
+        start, stop = p.start_layer, p.stop_layer if p.stop_layer is not None else len(self.layers)
+        x = self.embeddings(input_ids, p.position_ids, p.token_type_ids) if start == 0 else p.initial_hidden
         qo = None
         if p.query_only is not None:
             q = p.query_only
-            qo = (self.embeddings(q.input_ids, q.position_ids, q.token_type_ids), q.key_index, q.key_mask, q.lora)
+            states = self.embeddings(q.input_ids, q.position_ids, q.token_type_ids) if start == 0 else p.query_only_initial
+            qo = (states, q.key_index, q.key_mask, q.lora)
         p.hidden_states = [x] if p.collect_hidden_states else None
         p.query_only_hidden_states = [qo[0]] if (qo is not None and p.collect_hidden_states) else None
-        for layer in self.layers:
+        for layer in self.layers[start:stop]:
             x, qo = layer(x, forward_batch, qo)
             if p.collect_hidden_states:
                 p.hidden_states.append(x)

@@ -2,7 +2,7 @@
 
 Per step and per sample i: seed s; theta += eps z; l+ ; theta -= 2 eps z; l- ; theta += eps z
 (restore); g = (l+ - l-) / (2 eps); then theta -= lr (g z / n + wd theta) with z regenerated
-from s. No gradient buffers, no optimizer state, no second copy of the weights. For a LoRA
+from s. The last restore and its update share one pass over z (three z passes per step, not four). No gradient buffers, no optimizer state, no second copy of the weights. For a LoRA
 adapter on the engine the +eps z and -eps z passes run as two scratch adapters in ONE engine
 batch (rows tagged per adapter).
 """
@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..engine.versions import base_layer_of, min_layer_of
 from .prompts import PromptClassifier
 from .zo import EngineAdapter, EngineWeights, TorchParameters
 
@@ -29,6 +30,11 @@ class MeZOTrainingArguments(TrainingArguments):
     zo_num_samples: int = field(default=1, metadata={"help": "n of n-SPSA: directions per step"})
     zo_trainable: str = field(default="auto", metadata={"help": "'all' weights, 'lora' (the active adapter), or 'auto'"})
     zo_paired_batch: bool = field(default=True, metadata={"help": "LoRA on the engine: +/- passes in one batch"})
+    zo_top_layers: int = field(default=0, metadata={
+        "help": "full-parameter MeZO on the top k encoder layers and the LM head only (0: every weight)"})
+    zo_frozen_layer_cache: bool = field(default=True, metadata={
+        "help": "on the engine: when every trained tensor is in layers >= L, cache the states entering L"})
+    zo_frozen_cache_mb: float = field(default=2048.0, metadata={"help": "memory bound of that cache"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "unused by MeZO (no gradients)"})
 
     def __post_init__(self):
@@ -37,6 +43,8 @@ class MeZOTrainingArguments(TrainingArguments):
             raise ValueError(f"zo_trainable must be 'auto', 'all' or 'lora', got {self.zo_trainable!r}")
         if self.zo_eps <= 0 or self.zo_num_samples < 1:
             raise ValueError("zo_eps must be > 0 and zo_num_samples >= 1")
+        if self.zo_top_layers < 0 or self.zo_frozen_cache_mb <= 0:
+            raise ValueError("zo_top_layers must be >= 0 and zo_frozen_cache_mb > 0")
 
 
 def _peft_saved_name(name: str) -> str:
@@ -78,6 +86,16 @@ class MeZOTrainer(Trainer):
             mode = self.args.zo_trainable
             if mode == "auto":
                 mode = "lora" if engine and base.active_adapters() else "all"
+            if mode == "lora" and self.args.zo_top_layers:
+                raise ValueError("zo_top_layers is for full-parameter MeZO; choose LoRA layers with "
+                                 "LoraConfig(layers_to_transform=...)")
+            include = None
+            if self.args.zo_top_layers:
+                first = base.config.num_hidden_layers - self.args.zo_top_layers
+                if first < 0:
+                    raise ValueError(f"zo_top_layers={self.args.zo_top_layers} is more than the model's "
+                                     f"{base.config.num_hidden_layers} layers")
+                include = lambda n: base_layer_of(n) >= first  # noqa: E731 (encoder layers >= first, LM head)
             if mode == "lora" and not engine:  # PEFT on transformers: the same PEFT names as the engine's
                 self._zo_target = TorchParameters(base, include=lambda n: "lora_" in n, rename=_peft_saved_name)
             elif mode == "lora":
@@ -85,8 +103,18 @@ class MeZOTrainer(Trainer):
                     raise ValueError("zo_trainable='lora' needs an active adapter (model.add_adapter / load_adapter)")
                 self._zo_target = EngineAdapter(base, base.active_adapters()[0])
             else:
-                self._zo_target = EngineWeights(base) if engine else TorchParameters(base)
+                self._zo_target = EngineWeights(base, include) if engine else TorchParameters(base, include)
+            self._enable_frozen_layer_cache(base, engine)
         return self._zo_target
+
+    def _enable_frozen_layer_cache(self, base, engine: bool) -> None:
+        """Everything trained sits in layers >= L: the states entering L are fixed per example."""
+        if not (engine and self.args.zo_frozen_layer_cache) or not self._zo_target.names:
+            return
+        layers = base.config.num_hidden_layers
+        first = min(min_layer_of(self._zo_target.names), layers - 1)
+        if first >= 1 and base.cache_stats()["frozen_layer"] is None:
+            base.enable_frozen_layer_cache(first, self.args.zo_frozen_cache_mb)
 
     def _paired(self) -> bool:
         return (self.args.zo_paired_batch and isinstance(self.zo_target(), EngineAdapter)
@@ -143,12 +171,18 @@ class MeZOTrainer(Trainer):
                 l_plus = self._loss(model, inputs)
                 target.perturb(seed, -2 * eps)
                 l_minus = self._loss(model, inputs)
-                target.perturb(seed, eps)
+                if i < n - 1:
+                    target.perturb(seed, eps)  # restore; the last sample restores inside its update
             grads.append((l_plus - l_minus) / (2 * eps))
             losses.append(l_plus)
             seeds.append(seed)
-        for i, (seed, g) in enumerate(zip(seeds, grads)):
-            target.update(seed, lr, g / n, args.weight_decay if i == 0 else 0.0)
+        # The last sample's update goes first: it restores theta from theta - eps z in the same
+        # pass over z, and applies weight decay to the restored theta (as Algorithm 1 does).
+        restore = 0.0 if self._paired() else eps
+        for i in reversed(range(n)):
+            last = i == n - 1
+            target.update(seeds[i], lr, grads[i] / n, args.weight_decay if last else 0.0,
+                          restore=restore if last else 0.0)
         self.zo_history.append({"step": step, "lr": lr, "projected_grads": grads, "losses": losses})
         return torch.tensor(sum(losses) / n, device=args.device)
 

@@ -77,8 +77,13 @@ class PromptClassifier(nn.Module):
         if self.uses_engine:
             return self.model.compute_mlm_logits(input_ids, attention_mask, vocab_ids=self.label_word_ids,
                                                  mask_token_id=self.mask_token_id, adapter_names=adapter_names)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # grads when enabled
-        return logits[mask_pos][:, self.label_word_ids]
+        encoder, head = _encoder_and_head(self.model)
+        if encoder is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # grads when enabled
+            return logits[mask_pos][:, self.label_word_ids]
+        # The reference way (LM-BFF / MeZO): the LM head only at the mask, only the label words.
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return head(hidden[mask_pos])[:, self.label_word_ids]
 
     def forward(self, input_ids, attention_mask=None, labels=None, adapter_names=None, **_):
         logits = self.label_logits(input_ids, attention_mask, adapter_names)
@@ -87,6 +92,16 @@ class PromptClassifier(nn.Module):
 
     def save_pretrained(self, directory, **kwargs):
         return self.model.save_pretrained(directory, **kwargs)
+
+
+def _encoder_and_head(model):
+    """(encoder, LM head) of a transformers masked LM (PEFT-wrapped or not), or (None, None)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = getattr(base, "lm_head", None)
+    if encoder is None or head is None or encoder is base:
+        return None, None
+    return encoder, head
 
 
 def accuracy_metrics(eval_pred) -> Dict[str, float]:

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..engine.weights import NamedSlice, add_scaled_directions, direction, zo_update
+from ..engine.directions import NamedSlice, add_scaled_directions, zo_update
 
 W = "sglang_hf_bridge.engine.weights."
 
@@ -33,12 +33,10 @@ class EngineWeights:
 
     def perturb(self, seed: int, scale: float) -> None:
         self.model.runtime.run_on_all_ranks(W + "rank_perturb_weights", self.names, seed, scale)
-        self.model._on_weights_changed()
 
-    def update(self, seed, lr, projected_grad, weight_decay) -> None:
+    def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
         self.model.runtime.run_on_all_ranks(W + "rank_update_weights", self.names, seed, lr, projected_grad,
-                                            weight_decay, no_decay_names(self.names))
-        self.model._on_weights_changed()
+                                            weight_decay, no_decay_names(self.names), restore)
 
     def load_checkpoint(self, directory: str) -> None:
         from ..modeling.checkpoint import iter_checkpoint_tensors, locate_checkpoint
@@ -46,7 +44,6 @@ class EngineWeights:
         wanted = set(self.names)
         tensors = {n: t for n, t in iter_checkpoint_tensors(locate_checkpoint(directory)) if n in wanted}
         self.model.runtime.run_on_all_ranks(W + "rank_set_hf_tensors", tensors)
-        self.model._on_weights_changed()
 
 
 class EngineAdapter:
@@ -64,17 +61,14 @@ class EngineAdapter:
     def perturb(self, seed: int, scale: float, lora_id: Optional[str] = None) -> None:
         self.model.runtime.run_on_all_ranks(W + "rank_perturb_adapter", lora_id or self.lora_id, self.peft_names,
                                             self.names, seed, scale)
-        self.model._on_weights_changed()
 
-    def update(self, seed, lr, projected_grad, weight_decay) -> None:
+    def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
         self.model.runtime.run_on_all_ranks(W + "rank_update_adapter", self.lora_id, self.peft_names, self.names, seed,
-                                            lr, projected_grad, weight_decay, [])
-        self.model._on_weights_changed()
+                                            lr, projected_grad, weight_decay, [], restore)
 
     def copy_into(self, other_adapter_name: str) -> str:
         other = self.model._adapter_state()[other_adapter_name].lora_id
         self.model.runtime.run_on_all_ranks(W + "rank_copy_adapter", self.lora_id, other)
-        self.model._on_weights_changed()
         return other
 
     def load_checkpoint(self, directory: str) -> None:
@@ -82,7 +76,6 @@ class EngineAdapter:
 
         _, state = read_adapter_dir(directory)
         self.model.runtime.run_on_all_ranks(W + "rank_set_adapter_tensors", self.lora_id, self.peft_names, state)
-        self.model._on_weights_changed()
 
 
 class TorchParameters:
@@ -100,8 +93,9 @@ class TorchParameters:
     def perturb(self, seed: int, scale: float) -> None:
         add_scaled_directions(self.slices, self.names, seed, scale)
 
-    def update(self, seed, lr, projected_grad, weight_decay) -> None:
-        zo_update(self.slices, self.names, seed, lr, projected_grad, weight_decay, no_decay_names(self.names))
+    def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
+        zo_update(self.slices, self.names, seed, lr, projected_grad, weight_decay, no_decay_names(self.names),
+                  restore)
 
     def load_checkpoint(self, directory: str) -> None:
         from ..modeling.checkpoint import iter_checkpoint_tensors, locate_checkpoint

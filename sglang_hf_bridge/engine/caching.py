@@ -1,0 +1,137 @@
+"""The caches in front of a runtime: weight versions, the whole-sequence result cache and the
+frozen-layer activation cache, applied to each :class:`EncoderCall` before the engine sees it.
+
+Only reuse that reproduces the uncached answer is done -- never a cached *prefix* (wrong for a
+bidirectional encoder; ``../shared/docs/sglang-0.5.23-notes.md``). What "the same answer" means:
+
+* result-cache hits return the stored tensors of an earlier, identical computation; a row's
+  values can differ from a fresh run by float round-off only because the fresh run's batch is
+  composed differently (CPU GEMM kernels block by batch size), measured <= 1e-6;
+* frozen-layer hits give layers >= L the very states layers < L produced before; again only
+  batch composition differs (<= 1e-6 measured), and bitwise for a batch replayed as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Dict, Hashable, List, Optional
+
+from .frozen_cache import FrozenLayerIndex, sequence_identity
+from .result_cache import ResultCache
+from .types import EncoderCall, EncoderResult, FrozenPlan, SequenceResult
+from .versions import WeightVersions
+
+Run = Callable[[EncoderCall], EncoderResult]
+
+
+class EngineCaches:
+    """One per model, owned by the front runtime (rank 0)."""
+
+    def __init__(self, front) -> None:
+        self.front = front
+        self.versions = WeightVersions()
+        self.result: Optional[ResultCache] = None
+        self.frozen: Optional[FrozenLayerIndex] = None
+        self._evict_debt: List[Hashable] = []  # frozen entries the ranks still have to drop
+
+    # ---- configuration ---------------------------------------------------------------------
+    def configure_result_cache(self, max_bytes: Optional[int]) -> None:
+        self.result = ResultCache(max_bytes) if max_bytes else None
+
+    def configure_frozen_cache(self, layer: Optional[int], max_bytes: int) -> None:
+        if self.frozen is not None:
+            self._evict_debt += self.frozen.clear()
+        config = self.front.model.config
+        if layer is None or layer <= 0:
+            self.frozen = None
+            return
+        if layer >= config.num_hidden_layers:
+            raise ValueError(f"frozen layer {layer} must be below num_hidden_layers={config.num_hidden_layers}")
+        element = 2 if self.front.config.dtype in ("float16", "bfloat16") else 4
+        self.frozen = FrozenLayerIndex(layer, max_bytes, config.hidden_size * element)
+
+    def clear(self) -> None:
+        if self.result is not None:
+            self.result.clear()
+        if self.frozen is not None:
+            self._evict_debt += self.frozen.clear()
+
+    def stats(self) -> Dict[str, Optional[Dict[str, int]]]:
+        out = {"result": self.result.stats.as_dict() if self.result else None, "frozen_layer": None}
+        if self.frozen is not None:
+            out["frozen_layer"] = dict(self.frozen.stats.as_dict(), layer=self.frozen.layer,
+                                       bypassed_calls=self.frozen.bypassed_calls)
+        return out
+
+    # ---- versions ----------------------------------------------------------------------------
+    def _adapter(self, lora_id: str):
+        return self.front.adapters.adapters[lora_id]
+
+    def adapter_version(self, lora_id: Optional[str]):
+        if lora_id is None:
+            return None
+        return lora_id, self.versions.adapter_version(lora_id, list(self._adapter(lora_id).views.values()))
+
+    def weights_version(self) -> int:
+        """One number that moves on every change: the clock plus the LoRA pool buffers' in-place
+        version counters (both only ever grow)."""
+        manager = getattr(self.front.model_runner, "lora_manager", None)
+        counters = 0
+        if manager is not None:
+            pool = manager.memory_pool
+            for buffers in (pool.A_buffer, pool.B_buffer):
+                counters += sum(t._version for per_layer in buffers.values() for t in per_layer)
+        return self.versions.clock + counters
+
+    def result_version(self, lora_id: Optional[str]) -> Hashable:
+        return self.versions.base_version(), self.adapter_version(lora_id)
+
+    def _frozen_adapter_part(self, lora_id: Optional[str]) -> Optional[Hashable]:
+        if lora_id is None:
+            return None
+        layers = [layer for layer, _ in self._adapter(lora_id).weights]
+        if layers and min(layers) >= self.frozen.layer:
+            return None  # the adapter changes nothing below L
+        return self.adapter_version(lora_id)
+
+    # ---- the call ------------------------------------------------------------------------------
+    def forward(self, call: EncoderCall, run: Run) -> EncoderResult:
+        if self.result is None:
+            return self._with_frozen_plan(call, run)
+        signature = (call.logits, tuple(call.vocab_ids) if call.vocab_ids is not None else None,
+                     call.output_hidden_states, call.return_last_hidden, call.start_layer, call.stop_layer)
+        results: List[Optional[SequenceResult]] = [None] * len(call.sequences)
+        todo: Dict[Hashable, int] = {}
+        duplicates: List[tuple] = []
+        versions = {}
+        for i, s in enumerate(call.sequences):
+            key = (signature, sequence_identity(s),
+                   tuple(s.logit_positions) if s.logit_positions is not None else None, s.lora_id)
+            if key in todo:  # the same sequence twice in one call: computed once
+                duplicates.append((i, todo[key]))
+                self.result.stats.hits += 1
+                continue
+            version = versions.setdefault(s.lora_id, self.result_version(s.lora_id))
+            hit = self.result.get(key, version)
+            if hit is not None:
+                results[i] = hit
+            else:
+                todo[key] = i
+        if todo:
+            sub = self._with_frozen_plan(replace(call, sequences=[call.sequences[i] for i in todo.values()]), run)
+            for (key, i), r in zip(todo.items(), sub.sequences):
+                results[i] = r
+                self.result.put(key, versions[call.sequences[i].lora_id], r)
+        for i, j in duplicates:
+            results[i] = results[j]
+        return EncoderResult(sequences=results)
+
+    def _with_frozen_plan(self, call: EncoderCall, run: Run) -> EncoderResult:
+        debt, self._evict_debt = self._evict_debt, []
+        if self.frozen is None or call.output_hidden_states or call.start_layer or call.stop_layer:
+            if debt:
+                call = replace(call, frozen=FrozenPlan(layer=None, keys=[], compute=[], evict=debt))
+            return run(call)
+        plan = self.frozen.plan(call, self.versions.base_version(below=self.frozen.layer), self._frozen_adapter_part)
+        plan.evict = debt + plan.evict
+        return run(replace(call, frozen=plan))

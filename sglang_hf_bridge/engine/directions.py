@@ -1,0 +1,126 @@
+"""Random directions z for zeroth-order training, and the in-place updates that use them.
+
+z is defined per HF/PEFT tensor name: N(0, 1) at the full HF shape from a CPU generator seeded
+by ``(seed, name)`` (:func:`direction`). MeZO never stores z; it regenerates it for every pass
+over the weights, so generating it is a real share of a step's time on a CPU. Two things make
+that cheap without changing a single value:
+
+* names are independent (one generator each), so :func:`for_each_direction` splits them over
+  a few threads (torch releases the GIL in ``normal_``), balanced by size;
+* each thread draws into a scratch buffer it keeps between passes (as large as its largest
+  tensor), instead of allocating and page-faulting a fresh tensor per name and pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from math import prod
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass
+class NamedSlice:
+    name: str  # HF / PEFT name
+    full_shape: Tuple[int, ...]
+    view: torch.Tensor  # this rank's memory (engine weights, adapter slot or torch parameter)
+    index: Tuple[slice, ...]  # where ``view`` sits inside the full tensor
+
+
+def direction_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
+    """The random direction z of one HF-named tensor: N(0, 1), drawn from (seed, name) alone."""
+    g = torch.Generator().manual_seed(direction_seed(seed, name))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+# ---- parallel generation into reused scratch memory ---------------------------------------------
+DIRECTION_THREADS = 2
+_pool: Optional[ThreadPoolExecutor] = None
+_scratch = threading.local()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(DIRECTION_THREADS, thread_name_prefix="zo-directions")
+    return _pool
+
+
+def _draw(seed: int, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
+    """z into this thread's scratch buffer (valid until the thread's next draw)."""
+    n = prod(shape)
+    buf = getattr(_scratch, "buffer", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buffer = torch.empty(n, dtype=torch.float32)
+    z = buf[:n].view(shape)
+    # Same values as torch.randn(shape, generator=g): randn is empty() + normal_().
+    z.normal_(generator=torch.Generator().manual_seed(direction_seed(seed, name)))
+    return z
+
+
+def release_scratch() -> None:
+    """Drop the scratch buffers (the next pass allocates them again)."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _scratch.__dict__.clear()
+
+
+def for_each_direction(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int,
+                       apply: Callable[[NamedSlice, torch.Tensor], None]) -> None:
+    """Call ``apply(slice, z[slice.index])`` for every name; names run on parallel threads."""
+    groups: List[List[str]] = [[] for _ in range(DIRECTION_THREADS)]
+    load = [0] * DIRECTION_THREADS
+    for name in sorted(names, key=lambda n: -prod(slices[n].full_shape)):
+        k = load.index(min(load))
+        groups[k].append(name)
+        load[k] += prod(slices[name].full_shape)
+
+    def work(group: List[str]) -> None:
+        with torch.no_grad():
+            for name in group:
+                s = slices[name]
+                apply(s, _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype))
+
+    groups = [g for g in groups if g]
+    if len(groups) <= 1:
+        for g in groups:
+            work(g)
+        return
+    for future in [_executor().submit(work, g) for g in groups]:
+        future.result()
+
+
+# ---- the in-place MeZO operations -----------------------------------------------------------------
+def add_scaled_directions(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int, scale: float) -> None:
+    """theta <- theta + scale * z (in place)."""
+    for_each_direction(slices, names, seed, lambda s, z: s.view.add_(z, alpha=scale))
+
+
+def zo_update(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int, lr: float, projected_grad: float,
+              weight_decay: float, no_decay: Sequence[str], restore: float = 0.0) -> None:
+    """theta <- theta - lr * (g * z + wd * theta), z regenerated from the seed (MeZO's update).
+
+    ``restore`` first adds ``restore * z`` (the end of the +eps/-eps perturbation) in the same
+    pass, so a step regenerates z three times instead of four.
+    """
+    no_decay = set(no_decay)
+
+    def apply(s: NamedSlice, z: torch.Tensor) -> None:
+        if restore:
+            s.view.add_(z, alpha=restore)
+        if weight_decay and s.name not in no_decay:
+            s.view.sub_(lr * (projected_grad * z + weight_decay * s.view))
+        else:
+            s.view.sub_(z, alpha=lr * projected_grad)
+
+    for_each_direction(slices, names, seed, apply)

@@ -1,0 +1,121 @@
+"""Weight versions: what every cache key includes, so a changed weight never serves a stale result.
+
+One logical clock; each weight *component* remembers the clock value of its last change:
+``("base", layer)`` for the embeddings (layer -1), each encoder layer and the LM head
+(layer ``HEAD``), and ``("lora", lora_id)`` for each adapter. The version of a set of components
+is the largest of their stamps, so any change to any of them raises it, and a change elsewhere
+(an adapter, the top layers) leaves it alone -- what the frozen-layer cache relies on.
+
+Who bumps (every path that writes engine weights or adapter matrices):
+
+* ``EncoderRuntime.load_weights`` -- all base components;
+* adapter load / unload (``AdapterPool``, ``_TPAdapters``) -- that adapter;
+* ``run_on_all_ranks(op)`` -- what ``op`` declares with :func:`writes` (HF names -> layers,
+  an adapter id); an op that declares nothing bumps everything;
+* in-place edits through the views ``adapter_tensors()`` hands out: those views share PyTorch's
+  version counter with SGLang's LoRA pool buffers, and :meth:`WeightVersions.adapter_version`
+  folds those counters in, so even a user's ``view.add_(...)`` changes the version.
+
+Choosing the active adapter (``set_adapter``, ``disable_adapters``) changes no weight; it
+changes which adapter each row names, and the adapter id is part of every key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, Hashable, Iterable, Optional, Sequence, Set, Tuple
+
+EMBEDDINGS = -1
+HEAD = 1 << 20  # sorts after every encoder layer
+
+_LAYER = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\.")
+
+
+def base_layer_of(hf_name: str) -> int:
+    """The base component an HF parameter name belongs to (embeddings, layer i, or head)."""
+    m = _LAYER.search(hf_name)
+    if m:
+        return int(m.group(1))
+    if hf_name.startswith("lm_head."):
+        return HEAD
+    return EMBEDDINGS  # embeddings (the tied decoder is the word-embedding matrix)
+
+
+def min_layer_of(names: Iterable[str]) -> Optional[int]:
+    layers = [base_layer_of(n) for n in names]
+    return min(layers) if layers else None
+
+
+class WeightVersions:
+    def __init__(self) -> None:
+        self._clock = 0
+        self._base: Dict[int, int] = {}
+        self._lora: Dict[str, int] = {}
+        self._all_base = 0  # stamp of the last "every base component" bump
+        self._all_lora = 0  # stamp of the last "every adapter" bump
+
+    @property
+    def clock(self) -> int:
+        return self._clock
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def bump_base(self, layers: Optional[Iterable[int]] = None) -> None:
+        """Base components changed (None: all of them)."""
+        t = self._tick()
+        if layers is None:
+            self._all_base = t
+            self._base.clear()
+        else:
+            for layer in layers:
+                self._base[layer] = t
+
+    def bump_adapter(self, lora_id: str) -> None:
+        self._lora[lora_id] = self._tick()
+
+    def bump_everything(self) -> None:
+        self.bump_base(None)
+        self._all_lora = self._clock
+
+    def base_version(self, below: Optional[int] = None) -> int:
+        """Version of the base components in layers < ``below`` (embeddings included), or all."""
+        stamps = [t for layer, t in self._base.items() if below is None or layer < below]
+        return max([self._all_base, *stamps])
+
+    def adapter_version(self, lora_id: str, views: Sequence) -> Tuple[int, int]:
+        """(last explicit bump, sum of the pool buffers' in-place version counters)."""
+        explicit = max(self._lora.get(lora_id, 0), self._all_lora)
+        counters = sum(t._version for pair in views for t in pair)
+        return explicit, counters
+
+
+# ---- what lockstep operations write ------------------------------------------------------------
+WriteEffect = Callable[..., Tuple[str, object]]
+
+
+def writes(effect: Optional[WriteEffect]):
+    """Declare what a lockstep op (``fn(runtime, *args)``) writes: ``effect(*args)`` returns
+    ``("base", hf_names)``, ``("adapter", lora_id)`` or ``("nothing", None)``. Ops without a
+    declaration are taken to write everything."""
+
+    def mark(fn):
+        fn.weight_effect = effect if effect is not None else (lambda *a: ("nothing", None))
+        return fn
+
+    return mark
+
+
+def apply_effect(versions: WeightVersions, fn, args: tuple) -> None:
+    effect = getattr(fn, "weight_effect", None)
+    if effect is None:
+        versions.bump_everything()
+        return
+    kind, what = effect(*args)
+    if kind == "base":
+        versions.bump_base({base_layer_of(n) for n in what} if what is not None else None)
+    elif kind == "adapter":
+        versions.bump_adapter(what)
+    elif kind != "nothing":
+        versions.bump_everything()
