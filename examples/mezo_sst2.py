@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, help="default 1e-3 (lora) / 1e-5 (full)")
     ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--lr-scheduler", default="constant", help="TrainingArguments.lr_scheduler_type (over --steps)")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-layers", help="comma-separated layers_to_transform (default: every layer)")
     ap.add_argument("--top-layers", type=int, default=0, help="full mode: train only the top k layers + LM head")
@@ -137,7 +138,7 @@ def main() -> None:
     common = dict(per_device_train_batch_size=a.batch_size, max_steps=a.steps, seed=a.seed, report_to=[],
                   save_strategy="no", logging_steps=max(1, a.eval_every // 5), use_cpu=True,
                   remove_unused_columns=False, disable_tqdm=True)
-    mezo_kwargs = dict(common, learning_rate=lr, zo_eps=a.eps, lr_scheduler_type="constant",
+    mezo_kwargs = dict(common, learning_rate=lr, zo_eps=a.eps, lr_scheduler_type=a.lr_scheduler,
                        zo_trainable="lora" if a.mode == "lora" else "all", zo_top_layers=a.top_layers,
                        zo_frozen_layer_cache=not a.no_frozen_cache)
     results = []

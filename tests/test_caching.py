@@ -220,7 +220,33 @@ def test_bad_cache_settings_are_refused(model):
             model.enable_frozen_layer_cache(bad)
     with pytest.raises(ValueError, match="max_mb"):
         model.enable_result_cache(0)
+    with pytest.raises(ValueError, match="result_cache_mb"):
+        SGLangRobertaForMaskedLM.from_pretrained("/nonexistent", result_cache_mb=-1)
     assert max_abs_diff(run(model), uncached(model)) <= EXACT  # still usable
+
+
+def test_a_failed_call_leaves_the_caches_consistent(model, monkeypatch):
+    """The front counts new frozen entries before the ranks compute them: a call that fails in
+    between must not leave entries the ranks never stored (fault injected around the engine)."""
+    from sglang_hf_bridge.modeling.inputs import InputValidationError
+
+    runtime = model.runtime
+    real = runtime._forward_engine
+
+    def failing(call):
+        if call.stop_layer:  # the pass that computes the states entering the frozen layer
+            raise RuntimeError("injected failure")
+        return real(call)
+
+    monkeypatch.setattr(runtime, "_forward_engine", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(model)
+    monkeypatch.undo()
+    with pytest.raises(InputValidationError):
+        model(torch.full((1, 3), 10**6), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    served = run(model)
+    assert max_abs_diff(served, uncached(model)) <= EXACT
+    assert_pools_free(model)
 
 
 def test_caches_off_by_default(checkpoint):

@@ -56,6 +56,11 @@ class EngineCaches:
         if self.frozen is not None:
             self._evict_debt += self.frozen.clear()
 
+    def drop_all(self) -> None:
+        """At close: free every cached tensor and turn the caches off."""
+        self.result = self.frozen = None
+        self._evict_debt = []
+
     def stats(self) -> Dict[str, Optional[Dict[str, int]]]:
         out = {"result": self.result.stats.as_dict() if self.result else None, "frozen_layer": None}
         if self.frozen is not None:
@@ -134,4 +139,10 @@ class EngineCaches:
             return run(call)
         plan = self.frozen.plan(call, self.versions.base_version(below=self.frozen.layer), self._frozen_adapter_part)
         plan.evict = debt + plan.evict
-        return run(replace(call, frozen=plan))
+        try:
+            return run(replace(call, frozen=plan))
+        except BaseException:
+            # The index already counts this call's new entries; a failed call may not have stored
+            # them on every rank. Forget everything (ranks drop what they hold with the next plan).
+            self._evict_debt += self.frozen.clear() + list(plan.keys)
+            raise

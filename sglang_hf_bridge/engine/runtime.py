@@ -105,6 +105,7 @@ class EncoderRuntime:
         self._closed = True
         self.model_runner = self.model = None
         self.frozen_store.tensors.clear()
+        self.caches.drop_all()
         if self._holds_parallel_runtime:
             self._holds_parallel_runtime = False
             compat.release_parallel_runtime()

@@ -309,6 +309,7 @@ class TensorParallelRuntime:
         return self.local._query_only_lora(lora_ids, device)
 
     def close(self) -> None:
+        self.caches.drop_all()
         self.workers.stop()
         if self.local is not None:
             self.local.close()

@@ -138,6 +138,8 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
         ``result_cache_mb`` > 0 turns the whole-sequence result cache on (see
         ``enable_result_cache``). ``engine_options`` go to SGLang's ``ServerArgs`` unchanged.
         """
+        if not isinstance(result_cache_mb, (int, float)) or result_cache_mb < 0:
+            raise ValueError(f"result_cache_mb must be a number >= 0, got {result_cache_mb!r}")
         files = locate_checkpoint(pretrained_model_name_or_path)
         try:
             config = AutoConfig.from_pretrained(files.directory, local_files_only=True)
