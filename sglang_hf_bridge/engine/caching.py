@@ -116,8 +116,9 @@ class EngineCaches:
                 duplicates.append((i, todo[key]))
                 self.result.stats.hits += 1
                 continue
-            version = versions.setdefault(s.lora_id, self.result_version(s.lora_id))
-            hit = self.result.get(key, version)
+            if s.lora_id not in versions:  # once per adapter and call (it reads the pool counters)
+                versions[s.lora_id] = self.result_version(s.lora_id)
+            hit = self.result.get(key, versions[s.lora_id])
             if hit is not None:
                 results[i] = hit
             else:

@@ -35,10 +35,15 @@ def direction_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+def fill_direction(out: torch.Tensor, seed: int, name: str) -> torch.Tensor:
+    """Write z of one HF-named tensor into ``out`` (float32, the full HF shape): N(0, 1) drawn from
+    (seed, name) alone -- the same values as ``torch.randn(shape, generator=g)``."""
+    return out.normal_(generator=torch.Generator().manual_seed(direction_seed(seed, name)))
+
+
 def direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
-    """The random direction z of one HF-named tensor: N(0, 1), drawn from (seed, name) alone."""
-    g = torch.Generator().manual_seed(direction_seed(seed, name))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    """The random direction z of one HF-named tensor, freshly allocated."""
+    return fill_direction(torch.empty(tuple(shape), dtype=torch.float32), seed, name)
 
 
 # ---- parallel generation into reused scratch memory ---------------------------------------------
@@ -60,10 +65,7 @@ def _draw(seed: int, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
     buf = getattr(_scratch, "buffer", None)
     if buf is None or buf.numel() < n:
         buf = _scratch.buffer = torch.empty(n, dtype=torch.float32)
-    z = buf[:n].view(shape)
-    # Same values as torch.randn(shape, generator=g): randn is empty() + normal_().
-    z.normal_(generator=torch.Generator().manual_seed(direction_seed(seed, name)))
-    return z
+    return fill_direction(buf[:n].view(shape), seed, name)
 
 
 def release_scratch() -> None:

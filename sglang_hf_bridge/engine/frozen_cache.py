@@ -52,7 +52,7 @@ class FrozenLayerIndex:
             self.stats.bytes = 0
             self._base_version = base_version
         keys = [(self.layer, sequence_identity(s), adapter_part(s.lora_id)) for s in call.sequences]
-        compute, new_bytes, seen = [], {}, set()
+        compute, new_bytes = [], {}
         for i, (key, s) in enumerate(zip(keys, call.sequences)):
             if key in self._entries or key in new_bytes:
                 continue
@@ -66,7 +66,8 @@ class FrozenLayerIndex:
         for key in used:
             if key in self._entries:
                 self._entries.move_to_end(key)
-        while self.stats.bytes + sum(new_bytes.values()) > self.stats.max_bytes:
+        incoming = sum(new_bytes.values())
+        while self.stats.bytes + incoming > self.stats.max_bytes:
             victim = next(k for k in self._entries if k not in used)
             self.stats.bytes -= self._entries.pop(victim)
             evict.append(victim)

@@ -16,8 +16,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Dict, Hashable, Optional
 
-import torch
-
 from .types import SequenceResult
 
 

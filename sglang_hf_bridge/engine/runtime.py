@@ -8,7 +8,7 @@ The runtime knows nothing about transformers' ``PreTrainedModel``; callers descr
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -126,10 +126,11 @@ class EncoderRuntime:
     def run_on_all_ranks(self, function_path: str, *args):
         """Call ``function(runtime, *args)`` on every rank (here: one); returns the results.
         The weight versions move by what the function declares it writes (``versions.writes``)."""
+        function = resolve_path(function_path)
         try:
-            return [call_by_path(function_path, self, *args)]
+            return [function(self, *args)]
         finally:
-            apply_effect(self.caches.versions, resolve_path(function_path), args)
+            apply_effect(self.caches.versions, function, args)
 
     # ------------------------------------------------------------------ adapters
     @property

@@ -286,12 +286,13 @@ class TensorParallelRuntime:
 
     def run_on_all_ranks(self, function_path: str, *args) -> List[Any]:
         """Call ``function(runtime, *args)`` on every rank in lockstep; returns every rank's result."""
+        function = resolve_path(function_path)
         try:
             self.workers.send("call", (function_path, args))
-            mine = call_by_path(function_path, self.local, *args)
+            mine = function(self.local, *args)
             return [mine] + self.workers.receive()
         finally:
-            apply_effect(self.caches.versions, resolve_path(function_path), args)
+            apply_effect(self.caches.versions, function, args)
 
     def rank_parameters(self) -> List[Dict[str, Any]]:
         """Every rank's engine parameters (its shards), rank 0 first."""

@@ -23,7 +23,7 @@ changes which adapter each row names, and the adapter id is part of every key.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Hashable, Iterable, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 EMBEDDINGS = -1
 HEAD = 1 << 20  # sorts after every encoder layer

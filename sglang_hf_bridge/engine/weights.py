@@ -10,14 +10,13 @@ ranks can run them in lockstep (``TensorParallelRuntime.run_on_all_ranks``).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 from ..sglang_models.roberta_mlm import engine_to_checkpoint_names
-from .adapters import MODULE_SLICES
 from .versions import writes
-from .directions import NamedSlice, add_scaled_directions, direction, zo_update  # noqa: F401 (re-exported)
+from .directions import NamedSlice, add_scaled_directions, zo_update
 
 
 def _tp():

@@ -1,12 +1,11 @@
 """What MeZO perturbs: the engine's weights, one engine adapter, or a torch model's parameters.
 
-All three draw z per HF/PEFT name (``engine.weights.direction``), so the same seeds give the
+All three draw z per HF/PEFT name (``engine.directions.direction``), so the same seeds give the
 same trajectory on the engine (any tp_size) and on plain transformers.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
