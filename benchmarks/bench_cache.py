@@ -41,8 +41,14 @@ def main() -> None:
     from transformers import AutoTokenizer, RobertaForMaskedLM
 
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
-    from sglang_hf_bridge.training import (MeZOTrainer, MeZOTrainingArguments, PromptClassifier, PromptCollator,
-                                           PromptTemplate, load_lmbff_tsv)
+    from sglang_hf_bridge.training import (
+        MeZOTrainer,
+        MeZOTrainingArguments,
+        PromptClassifier,
+        PromptCollator,
+        PromptTemplate,
+        load_lmbff_tsv,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     template = PromptTemplate()

@@ -83,7 +83,8 @@ def main() -> None:
 
         timings = {}
         for name, fn in [("hf_eager", run_hf(hf_eager)), ("hf_sdpa", run_hf(hf_sdpa)), ("sglang_forward", run_forward),
-                         ("sglang_compute_mlm_logits", run_mlm), ("sglang_compute_mlm_logits_label_words", run_mlm_labels)]:
+                         ("sglang_compute_mlm_logits", run_mlm),
+                         ("sglang_compute_mlm_logits_label_words", run_mlm_labels)]:
             gc.collect()
             timings[name] = time_it(fn, repeats=1, warmup=0 if len(data) > 4 else 1)
             print(f"bs={bs} {name}: {timings[name]:.2f} s", flush=True)

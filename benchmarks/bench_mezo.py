@@ -44,8 +44,14 @@ def run_case(case: str, steps: int) -> dict:
     from transformers import AutoTokenizer, RobertaForMaskedLM
 
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
-    from sglang_hf_bridge.training import (MeZOTrainer, MeZOTrainingArguments, PromptClassifier, PromptCollator,
-                                           PromptTemplate, load_lmbff_tsv)
+    from sglang_hf_bridge.training import (
+        MeZOTrainer,
+        MeZOTrainingArguments,
+        PromptClassifier,
+        PromptCollator,
+        PromptTemplate,
+        load_lmbff_tsv,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     template = PromptTemplate()
@@ -119,7 +125,8 @@ def run_case(case: str, steps: int) -> dict:
             if case in ("c", "d"):
                 from peft import LoraConfig
 
-                model.add_adapter(LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]), adapter_name="task")
+                lora = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+                model.add_adapter(lora, adapter_name="task")
             args = MeZOTrainingArguments(output_dir="/tmp/bench-mezo", learning_rate=1e-6, zo_eps=1e-3, report_to=[],
                                          use_cpu=True, remove_unused_columns=False,
                                          zo_trainable="all" if case == "b" else "lora", zo_paired_batch=case == "d")
@@ -130,7 +137,8 @@ def run_case(case: str, steps: int) -> dict:
                 times.append(time.perf_counter() - t0)
         model.close()
     steady = sorted(times[1:])  # first step warms up
-    return {"case": case, "what": CASES[case], "seconds_per_step": steady[len(steady) // 2], "peak_rss_mib": peak_rss_mib()}
+    return {"case": case, "what": CASES[case], "seconds_per_step": steady[len(steady) // 2],
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:

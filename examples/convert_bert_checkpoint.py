@@ -93,7 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     diff = convert(args.bert or packaged_minilm(), args.out, check=not args.no_check)
-    print(f"wrote {args.out}" + ("" if args.no_check else f"; max |BertModel - converted| hidden state diff = {diff:.3g}"))
+    check = "" if args.no_check else f"; max |BertModel - converted| hidden state diff = {diff:.3g}"
+    print(f"wrote {args.out}" + check)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def build_small_model(tokenizer_dir: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="local masked-LM checkpoint directory")
-    ap.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model, else the shared RoBERTa tokenizer)")
+    ap.add_argument("--tokenizer", type=Path,
+                    help="tokenizer directory (default: --model, else the shared RoBERTa tokenizer)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--no-compare", action="store_true", help="skip the check against transformers' own model")

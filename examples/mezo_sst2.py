@@ -55,7 +55,8 @@ class Recorder:
                     t = time.perf_counter()
                     rec.points.append({"step": state.global_step, "wall_s": wall, "accuracy": evaluate()})
                     rec.eval_s += time.perf_counter() - t
-                    print(f"  step {state.global_step:5d}  {wall:7.1f} s  acc {rec.points[-1]['accuracy']:.4f}", flush=True)
+                    acc = rec.points[-1]["accuracy"]
+                    print(f"  step {state.global_step:5d}  {wall:7.1f} s  acc {acc:.4f}", flush=True)
                 if wall > budget_s:
                     control.should_training_stop = True
 
@@ -94,7 +95,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test sentences (0 = all)")
     ap.add_argument("--split", default="512-42")
     ap.add_argument("--time-budget", type=float, default=1e9, help="stop each method after this many training seconds")
-    ap.add_argument("--baselines", action="store_true", help="also MeZO on plain transformers (same seeds) and backprop")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also MeZO on plain transformers (same seeds) and backprop")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=REPO / "examples" / "output" / "mezo_sst2")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI")
@@ -109,8 +111,14 @@ def main() -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments
 
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
-    from sglang_hf_bridge.training import (MeZOTrainer, MeZOTrainingArguments, PromptClassifier, PromptCollator,
-                                           PromptTemplate, load_lmbff_tsv)
+    from sglang_hf_bridge.training import (
+        MeZOTrainer,
+        MeZOTrainingArguments,
+        PromptClassifier,
+        PromptCollator,
+        PromptTemplate,
+        load_lmbff_tsv,
+    )
 
     model_dir = a.model or default_model()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -131,7 +139,8 @@ def main() -> None:
             correct = 0
             with torch.no_grad():
                 for b in test_batches:
-                    correct += int((clf.label_logits(b["input_ids"], b["attention_mask"]).argmax(-1) == b["labels"]).sum())
+                    predicted = clf.label_logits(b["input_ids"], b["attention_mask"]).argmax(-1)
+                    correct += int((predicted == b["labels"]).sum())
             return correct / len(test_rows)
         return evaluate
 
@@ -190,8 +199,9 @@ def plot(results, path: Path) -> None:
     for r in results:
         if r["losses"]:
             ax_loss.plot([p["step"] for p in r["losses"]], [p["loss"] for p in r["losses"]], label=r["method"])
-        ax_acc.plot([p["step"] for p in r["points"]], [p["accuracy"] for p in r["points"]], marker="o", label=r["method"])
-        ax_wall.plot([p["wall_s"] for p in r["points"]], [p["accuracy"] for p in r["points"]], marker="o", label=r["method"])
+        accuracy = [p["accuracy"] for p in r["points"]]
+        ax_acc.plot([p["step"] for p in r["points"]], accuracy, marker="o", label=r["method"])
+        ax_wall.plot([p["wall_s"] for p in r["points"]], accuracy, marker="o", label=r["method"])
     ax_loss.set(xlabel="step", ylabel="train loss", title="loss")
     ax_acc.set(xlabel="step", ylabel="test accuracy", title="accuracy vs steps")
     ax_wall.set(xlabel="training wall-clock (s)", ylabel="test accuracy", title="accuracy vs time")

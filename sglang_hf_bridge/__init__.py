@@ -1,29 +1,32 @@
-"""sglang_hf_bridge: transformers' RobertaForMaskedLM interface, executed by SGLang."""
+"""sglang_hf_bridge: transformers' RobertaForMaskedLM interface, executed by SGLang.
+
+Importing the package is cheap: SGLang and PEFT are imported when the first model is loaded.
+The model classes (and transformers) are imported on first attribute access.
+"""
 
 from . import compat as _compat
-from . import log_control as _log_control
+from . import errors as _errors
+from .errors import *  # noqa: F403  (every exception class is public)
 
+# Process-level setting SGLang reads when it is first imported (see compat).
 _compat.configure_sglang_environment()
-_log_control.import_sglang_quietly()
-
-from .modeling.base import InferenceOnlyError  # noqa: E402
-from .modeling.checkpoint import CheckpointError  # noqa: E402
-from .modeling.inputs import InputValidationError  # noqa: E402
-from .modeling.roberta import SGLangRobertaForMaskedLM  # noqa: E402
-from .engine.adapters import AdapterError  # noqa: E402
-from .lora.config import UnsupportedAdapterError  # noqa: E402
-from .lora.files import AdapterFileError  # noqa: E402
-from .modeling.adapters import PeftWrappingError  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SGLangRobertaForMaskedLM",
-    "CheckpointError",
-    "InputValidationError",
-    "InferenceOnlyError",
-    "AdapterError",
-    "AdapterFileError",
-    "UnsupportedAdapterError",
-    "PeftWrappingError",
-]
+_LAZY = {"SGLangRobertaForMaskedLM": ".modeling.roberta"}
+
+__all__ = ["SGLangRobertaForMaskedLM", *_errors.__all__]  # noqa: F405 (lazy, see __getattr__)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,14 +1,18 @@
 """Every SGLang 0.5.23 workaround and process-level adjustment, in one place.
 
 Each function says which SGLang behaviour it works around and why; tests in
-``tests/test_compat.py`` show the behaviour it avoids.
+``tests/test_compat.py`` show the behaviour it avoids. Every read or write of SGLang's private
+state (request fields, the tree-cache surface, LoRA buffers, torch version counters) goes through
+an accessor here that raises :class:`SGLangLayoutError` when the installed SGLang is not laid out
+as 0.5.23 is, instead of silently computing something else.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
+from types import SimpleNamespace
+from typing import Optional, Sequence, Tuple
 
 
 def configure_sglang_environment() -> None:
@@ -33,13 +37,7 @@ def cpu_server_args() -> dict:
     return {"mem_fraction_static": 0.9}
 
 
-def free_local_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prepare_process(device: str, tp_size: int) -> None:
+def prepare_process(device: str) -> None:
     """Environment SGLang reads at start-up on this kind of host."""
     if os.environ.get("SGLANG_USE_CPU_ENGINE"):
         raise RuntimeError(
@@ -176,6 +174,9 @@ class no_pinning:
         return False
 
 
+_NO_NCCL = "/nonexistent/sglang-hf-bridge/libnccl-disabled.so"
+
+
 # --- tensor parallelism on CPU -----------------------------------------------------------------
 def cpu_tensor_parallel_environment(tp_size: int) -> dict:
     """Environment every rank of a CPU TP engine needs, set before SGLang starts.
@@ -192,17 +193,108 @@ def cpu_tensor_parallel_environment(tp_size: int) -> dict:
     bind = "|".join(",".join(str(c) for c in sorted(g)) for g in groups)
     return {
         "SGLANG_CPU_OMP_THREADS_BIND": os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", bind),
-        "SGLANG_NCCL_SO_PATH": os.environ.get("SGLANG_NCCL_SO_PATH", "/nonexistent/sglang-hf-bridge/libnccl-disabled.so"),
+        "SGLANG_NCCL_SO_PATH": os.environ.get("SGLANG_NCCL_SO_PATH", _NO_NCCL),
     }
 
 
-def set_parent_death_signal() -> None:
-    """Linux: have the kernel SIGKILL this worker when the process that spawned it dies, so TP
-    workers never outlive the user's process (even on SIGKILL of the parent)."""
-    import ctypes
-    import signal
-    import sys
+# --- accessors for SGLang private state ----------------------------------------------------------
+class SGLangLayoutError(RuntimeError):
+    """The installed SGLang does not have the internal layout this bridge was written against."""
 
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+def _require(obj, attr: str, what: str):
+    if not hasattr(obj, attr):
+        raise SGLangLayoutError(
+            f"SGLang internals changed: {what} ({type(obj).__name__}.{attr}) is missing; this bridge "
+            "supports sglang==0.5.23"
+        )
+    return getattr(obj, attr)
+
+
+class NoPrefixCache(SimpleNamespace):
+    """The tree-cache surface ``ScheduleBatch`` uses in 0.5.23, for a cache that allocates slots
+    and never shares a prefix (prefix reuse is wrong for a bidirectional encoder)."""
+
+    def supports_swa(self) -> bool:
+        return False
+
+    def supports_mamba(self) -> bool:
+        return False
+
+    def supports_prefix_sharing(self) -> bool:
+        return False
+
+    def evict(self, params) -> None:
+        pass
+
+    def maybe_hand_to_session(self, req) -> None:
+        pass
+
+
+def encoder_request(rid: str, input_ids: Sequence[int], lora_id: Optional[str]):
+    """An SGLang ``Req`` for one encoder sequence: no sampling, no logprobs, the whole input in
+    one extend (fields the scheduler would otherwise fill in while it tokenizes and schedules)."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req(rid=rid, origin_input_text="", origin_input_ids=array("q", input_ids),
+              sampling_params=SamplingParams(max_new_tokens=0), lora_id=lora_id)
+    for field in ("full_untruncated_fill_ids", "logprob_start_len", "extend_end"):
+        _require(req, field, "a request field the scheduler sets before an extend")
+    req.full_untruncated_fill_ids = req.origin_input_ids
+    req.logprob_start_len = -1
+    req.extend_end = len(req.origin_input_ids)
+    return req
+
+
+def request_prefix_len(req) -> int:
+    return _require(req, "prefix_len", "the cached-prefix length of a request")
+
+
+def request_holds_kv(req) -> bool:
+    return bool(_require(_require(req, "kv", "a request's KV state"), "holds_kv", "whether a request holds KV"))
+
+
+def move_prefill_ids_to_device(batch) -> None:
+    """0.5.23 keeps extend input ids on the CPU (``prefill_input_ids_cpu``) until the scheduler's
+    overlap thread moves them; without that thread we move them ourselves."""
+    if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
+        batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
+        batch.prefill_input_ids_cpu = None
+
+
+def lora_manager(model_runner):
+    """SGLang's LoRA manager of a ModelRunner, or None when LoRA was not enabled."""
+    return getattr(model_runner, "lora_manager", None)
+
+
+def lora_pool_buffers(manager) -> Tuple[dict, dict]:
+    """``(A_buffer, B_buffer)`` of the LoRA memory pool: ``{module: [per-layer [slots, ...]]}``."""
+    pool = _require(manager, "memory_pool", "the LoRA memory pool")
+    return _require(pool, "A_buffer", "LoRA A buffers"), _require(pool, "B_buffer", "LoRA B buffers")
+
+
+def lora_pool_slot(manager, lora_id: str) -> int:
+    pool = _require(manager, "memory_pool", "the LoRA memory pool")
+    return _require(pool, "get_buffer_id", "the LoRA pool's slot lookup")(lora_id)
+
+
+def lora_base_layer(layer):
+    """The plain linear layer under SGLang's LoRA wrapper (the layer itself when not wrapped)."""
+    return getattr(layer, "base_layer", layer)
+
+
+def lora_layer_buffers(layer, fused_qkv: bool):
+    """The ``[slots, ...]`` A/B buffers a LoRA-wrapped linear layer reads in 0.5.23
+    (``A_buffer_qkv``/``B_buffer_qkv`` on the fused QKV layer, ``A_buffer``/``B_buffer`` else).
+    Raises instead of returning None: a missing buffer would silently drop LoRA deltas."""
+    a, b = ("A_buffer_qkv", "B_buffer_qkv") if fused_qkv else ("A_buffer", "B_buffer")
+    return _require(layer, a, "a LoRA layer's A buffer"), _require(layer, b, "a LoRA layer's B buffer")
+
+
+def tensor_version(tensor) -> int:
+    """PyTorch's in-place version counter of a tensor (shared by its views): how an in-place
+    edit of an adapter view is noticed without hooks."""
+    return _require(tensor, "_version", "torch's tensor version counter")

@@ -59,5 +59,5 @@ def quiet_sglang():
 def import_sglang_quietly() -> None:
     """Import the SGLang modules the engine uses with import-time warnings filtered."""
     with quiet_sglang():
-        import sglang.srt.model_executor.model_runner  # noqa: F401
         import sglang.srt.managers.schedule_batch  # noqa: F401
+        import sglang.srt.model_executor.model_runner  # noqa: F401

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import sglang_hf_bridge  # noqa: F401  (configures SGLang before anything imports it)
 from transformers import (
     AutoTokenizer,
     CamembertConfig,
@@ -19,6 +17,8 @@ from transformers import (
     XLMRobertaConfig,
     XLMRobertaForMaskedLM,
 )
+
+import sglang_hf_bridge  # noqa: F401  (configures SGLang before anything imports it)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SGLANG_HF_BRIDGE_SHARED", REPO.parent / "shared"))
@@ -96,4 +96,4 @@ def max_abs_diff(a, b) -> float:
 
 
 def assert_pools_free(model):
-    assert model.engine_pool_stats() == model.runtime.initial_pool_stats
+    assert model.engine_pool_stats() == model.engine_pool_capacity()

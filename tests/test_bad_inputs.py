@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import assert_pools_free, build_checkpoint, max_abs_diff
 from transformers import RobertaConfig, RobertaModel
 
-from conftest import assert_pools_free, build_checkpoint, max_abs_diff
 from sglang_hf_bridge import CheckpointError, InputValidationError, SGLangRobertaForMaskedLM
 
 
@@ -31,7 +31,8 @@ def _still_works(hf, model):
         ({"input_ids": torch.tensor([[0, -1, 2]])}, "out of the vocabulary"),
         ({"input_ids": torch.tensor([0, 5, 2])}, r"shape \[batch, seq_len\]"),
         ({"input_ids": torch.tensor([[0.0, 5.0, 2.0]])}, "must hold integers"),
-        ({"input_ids": torch.tensor([[0, 5, 2]]), "attention_mask": torch.ones((1, 4), dtype=torch.long)}, "attention_mask has shape"),
+        ({"input_ids": torch.tensor([[0, 5, 2]]), "attention_mask": torch.ones((1, 4), dtype=torch.long)},
+         "attention_mask has shape"),
         ({"input_ids": torch.tensor([[0, 5, 2]]), "attention_mask": torch.tensor([[1, 2, 1]])}, "only 0 and 1"),
         ({"input_ids": torch.tensor([[0, 5, 2]]), "token_type_ids": torch.tensor([[0, 1, 0]])}, "token_type_ids"),
         ({"input_ids": torch.tensor([[0, 5, 2]]), "position_ids": torch.tensor([[0, 1, 500]])}, "position id"),

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_pools_free, build_checkpoint, max_abs_diff
 from peft import LoraConfig, get_peft_model
 
-from conftest import assert_pools_free, build_checkpoint, max_abs_diff
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
-from sglang_hf_bridge.training.zo import EngineAdapter, EngineWeights
+from sglang_hf_bridge.training.zo import EngineAdapterTarget, EngineWeightsTarget
 
 LAYERS, FROZEN = 4, 2
 EXACT = 1e-6  # caches on vs off; see sglang_hf_bridge/engine/caching.py for why not always bitwise
@@ -64,15 +64,15 @@ def _edit_view(m, _):
 
 MUTATIONS = {
     "adapter view edited in place": _edit_view,
-    "mezo perturb adapter": lambda m, _: EngineAdapter(m, "low").perturb(7, 0.05),
-    "mezo update adapter": lambda m, _: EngineAdapter(m, "top").update(7, 1.0, 5.0, 0.0),
-    "mezo perturb all weights": lambda m, _: EngineWeights(m).perturb(7, 0.01),
-    "mezo update all weights": lambda m, _: EngineWeights(m).update(7, 1.0, 0.01, 0.1),
-    "perturb layer 0 only": lambda m, _: EngineWeights(m, lambda n: ".layer.0." in n).perturb(7, 0.05),
-    "perturb top layer only": lambda m, _: EngineWeights(m, lambda n: ".layer.3." in n).perturb(7, 0.05),
-    "copy adapter into another": lambda m, _: EngineAdapter(m, "top").copy_into("low"),
-    "resume base weights from checkpoint": lambda m, ck: EngineWeights(m).load_checkpoint(ck[2]),
-    "resume adapter from checkpoint": lambda m, ck: EngineAdapter(m, "top").load_checkpoint(ck[3]["top2"]),
+    "mezo perturb adapter": lambda m, _: EngineAdapterTarget(m, "low").perturb(7, 0.05),
+    "mezo update adapter": lambda m, _: EngineAdapterTarget(m, "top").update(7, 1.0, 5.0, 0.0),
+    "mezo perturb all weights": lambda m, _: EngineWeightsTarget(m).perturb(7, 0.01),
+    "mezo update all weights": lambda m, _: EngineWeightsTarget(m).update(7, 1.0, 0.01, 0.1),
+    "perturb layer 0 only": lambda m, _: EngineWeightsTarget(m, lambda n: ".layer.0." in n).perturb(7, 0.05),
+    "perturb top layer only": lambda m, _: EngineWeightsTarget(m, lambda n: ".layer.3." in n).perturb(7, 0.05),
+    "copy adapter into another": lambda m, _: EngineAdapterTarget(m, "top").copy_into("low"),
+    "resume base weights from checkpoint": lambda m, ck: EngineWeightsTarget(m).load_checkpoint(ck[2]),
+    "resume adapter from checkpoint": lambda m, ck: EngineAdapterTarget(m, "top").load_checkpoint(ck[3]["top2"]),
     "delete and reload adapter under the same name": lambda m, ck: (
         m.delete_adapter("top"), m.load_adapter(ck[3]["top2"], adapter_name="top")),
 }
@@ -104,16 +104,16 @@ def test_frozen_entries_survive_changes_above_and_die_below(model):
     frozen = model.cache_stats()["frozen_layer"]
     # "top" changes nothing below L: row 1 with "top" and without share one entry; "low" does not
     assert frozen["misses"] == 3 and frozen["hits"] == 1
-    EngineWeights(model, lambda n: ".layer.3." in n).perturb(1, 0.05)
-    EngineAdapter(model, "top").perturb(1, 0.05)
-    EngineAdapter(model, "low").perturb(1, 0.05)
+    EngineWeightsTarget(model, lambda n: ".layer.3." in n).perturb(1, 0.05)
+    EngineAdapterTarget(model, "top").perturb(1, 0.05)
+    EngineAdapterTarget(model, "low").perturb(1, 0.05)
     out = go()
     stats = model.cache_stats()["frozen_layer"]
     assert stats["hits"] == frozen["hits"] + 3 and stats["misses"] == frozen["misses"] + 1  # only "low" again
-    EngineWeights(model, lambda n: ".layer.1." in n).perturb(1, 0.05)
+    EngineWeightsTarget(model, lambda n: ".layer.1." in n).perturb(1, 0.05)
     go()
     assert model.cache_stats()["frozen_layer"]["misses"] == stats["misses"] + 3
-    EngineWeights(model, lambda n: ".layer.1." in n).perturb(1, -0.05)
+    EngineWeightsTarget(model, lambda n: ".layer.1." in n).perturb(1, -0.05)
     assert max_abs_diff(go(), out) <= EXACT
     model.disable_frozen_layer_cache()
     assert max_abs_diff(go(), out) <= EXACT
@@ -149,7 +149,8 @@ def test_forward_and_mlm_logits_equal_uncached_and_hf(model, checkpoint):
     model.disable_frozen_layer_cache()
     plain = model(IDS, attention_mask=MASK).logits
     assert max_abs_diff(cached_logits, plain) <= EXACT
-    assert max_abs_diff(cached_mlm, model.compute_mlm_logits(IDS, MASK, positions=MASK.bool(), vocab_ids=[5, 6, 7])) <= EXACT
+    fresh = model.compute_mlm_logits(IDS, MASK, positions=MASK.bool(), vocab_ids=[5, 6, 7])
+    assert max_abs_diff(cached_mlm, fresh) <= EXACT
     # hidden states of every layer are not taken from the frozen cache, and still right
     model.enable_frozen_layer_cache(FROZEN)
     hs = model(IDS, attention_mask=MASK, output_hidden_states=True).hidden_states
@@ -228,17 +229,17 @@ def test_bad_cache_settings_are_refused(model):
 def test_a_failed_call_leaves_the_caches_consistent(model, monkeypatch):
     """The front counts new frozen entries before the ranks compute them: a call that fails in
     between must not leave entries the ranks never stored (fault injected around the engine)."""
-    from sglang_hf_bridge.modeling.inputs import InputValidationError
+    from sglang_hf_bridge import InputValidationError
 
-    runtime = model.runtime
-    real = runtime._forward_engine
+    engine = model.runtime.local  # rank 0's RankEngine
+    real = engine.forward_engine
 
     def failing(call):
         if call.stop_layer:  # the pass that computes the states entering the frozen layer
             raise RuntimeError("injected failure")
         return real(call)
 
-    monkeypatch.setattr(runtime, "_forward_engine", failing)
+    monkeypatch.setattr(engine, "forward_engine", failing)
     with pytest.raises(RuntimeError, match="injected"):
         run(model)
     monkeypatch.undo()
@@ -262,9 +263,16 @@ def test_caches_off_by_default(checkpoint):
 @pytest.mark.parametrize("mode", ["lora-paired", "lora-sequential", "top-layers"])
 def test_mezo_trajectory_is_the_same_with_the_frozen_layer_cache(checkpoint, tokenizer, tmp_path, mode):
     from conftest import SHARED
+
     from sglang_hf_bridge.engine.weights import hf_parameter_slices
-    from sglang_hf_bridge.training import (MeZOTrainer, MeZOTrainingArguments, PromptClassifier, PromptCollator,
-                                           PromptTemplate, load_lmbff_tsv)
+    from sglang_hf_bridge.training import (
+        MeZOTrainer,
+        MeZOTrainingArguments,
+        PromptClassifier,
+        PromptCollator,
+        PromptTemplate,
+        load_lmbff_tsv,
+    )
 
     path, _, _, adapters = checkpoint
     rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:16]
@@ -281,7 +289,8 @@ def test_mezo_trajectory_is_the_same_with_the_frozen_layer_cache(checkpoint, tok
                 zo_paired_batch=mode == "lora-paired", zo_top_layers=2 if mode == "top-layers" else 0,
                 zo_frozen_layer_cache=cache)
             clf = PromptClassifier(m, template.label_word_ids(tokenizer), tokenizer.mask_token_id)
-            MeZOTrainer(model=clf, args=args, train_dataset=rows, data_collator=PromptCollator(tokenizer, template)).train()
+            collator = PromptCollator(tokenizer, template)
+            MeZOTrainer(model=clf, args=args, train_dataset=rows, data_collator=collator).train()
             stats[cache] = m.cache_stats()["frozen_layer"]
             if mode == "top-layers":
                 finals[cache] = {n: s.view.clone() for n, s in hf_parameter_slices(m.runtime.model).items()}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import max_abs_diff
 from test_engine import _run
+
 from sglang_hf_bridge import SGLangRobertaForMaskedLM, compat
 from sglang_hf_bridge.engine.config import EngineConfig
+from sglang_hf_bridge.process import free_local_port
 
 
 def test_sglang_builds_its_parallel_runtime_only_once_per_process(roberta, roberta_checkpoint):
@@ -19,7 +20,7 @@ def test_sglang_builds_its_parallel_runtime_only_once_per_process(roberta, rober
     _, model = roberta  # a live engine holds the runtime
     server_args = model.runtime.model_runner.server_args
     with pytest.raises(RuntimeError, match="ran twice"):
-        bootstrap.init_parallel_runtime(server_args=server_args, device="cpu", dist_port=compat.free_local_port())
+        bootstrap.init_parallel_runtime(server_args=server_args, device="cpu", dist_port=free_local_port())
     path, hf = roberta_checkpoint
     with SGLangRobertaForMaskedLM.from_pretrained(path) as second:  # works thanks to the sharing
         ids = torch.tensor([[0, 5, 6, 2]])
@@ -46,9 +47,8 @@ def test_default_mem_fraction_fails_on_a_cpu_host():
 def test_sglang_leaves_prefix_reuse_on_for_encoders_so_the_engine_turns_it_off(tmp_path):
     """The bug: ``ServerArgs(is_embedding=True)`` keeps the radix cache and chunked prefill on,
     both wrong for a bidirectional encoder. The engine config turns both off."""
-    from sglang.srt.server_args import ServerArgs
-
     from conftest import build_checkpoint
+    from sglang.srt.server_args import ServerArgs
 
     build_checkpoint(tmp_path, "roberta")
     stock = ServerArgs(model_path=str(tmp_path), is_embedding=True, device="cpu")

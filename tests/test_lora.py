@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import assert_pools_free, build_checkpoint, max_abs_diff
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import assert_pools_free, build_checkpoint, max_abs_diff
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
 
 TOL = 1e-5
@@ -78,7 +78,8 @@ def test_mixed_batch_three_adapters_and_base_rows(base, tmp_path):
     _, hf, model = base
     peft = {
         "a": make_adapter(hf, tmp_path / "a", 1, r=4, lora_alpha=8, target_modules=["query", "value"]),
-        "b": make_adapter(hf, tmp_path / "b", 2, r=8, lora_alpha=16, target_modules=["key", "dense"], layers_to_transform=[1]),
+        "b": make_adapter(hf, tmp_path / "b", 2, r=8, lora_alpha=16, target_modules=["key", "dense"],
+                          layers_to_transform=[1]),
         "c": make_adapter(hf, tmp_path / "c", 3, r=16, lora_alpha=4, use_rslora=True,
                           target_modules=["query", "intermediate.dense", "output.dense"]),
     }
@@ -99,7 +100,7 @@ def test_mixed_batch_three_adapters_and_base_rows(base, tmp_path):
         assert max_abs_diff(out, ref) <= TOL
         cm = model.compute_mlm_logits(IDS, MASK, positions=[[0, 1], [1, 1], [2, 1], [3, 1]], adapter_names=names)
         assert max_abs_diff(cm, ref[:, 1]) <= TOL
-        assert model.engine_pool_stats() == model.runtime.initial_pool_stats
+        assert model.engine_pool_stats() == model.engine_pool_capacity()
     finally:
         model.delete_adapter(["a", "b", "c"])
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
 from conftest import build_checkpoint, max_abs_diff
-from sglang_hf_bridge import SGLangRobertaForMaskedLM
-from sglang_hf_bridge.engine.adapters import AdapterError
+from peft import LoraConfig
+from test_lora import IDS, MASK, logits, make_adapter
+
+from sglang_hf_bridge import AdapterError, SGLangRobertaForMaskedLM
 from sglang_hf_bridge.lora import UnsupportedAdapterError
 from sglang_hf_bridge.lora.files import AdapterFileError
-from test_lora import IDS, MASK, logits, make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def base(tmp_path_factory):
 def _still_works(hf, model):
     assert model.active_adapters() == []
     assert max_abs_diff(logits(model), logits(hf)) <= 1e-5
-    assert model.engine_pool_stats() == model.runtime.initial_pool_stats
+    assert model.engine_pool_stats() == model.engine_pool_capacity()
 
 
 def test_wrong_hidden_size(base, tmp_path):

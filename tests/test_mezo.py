@@ -9,12 +9,18 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED, build_checkpoint, max_abs_diff
 from peft import LoraConfig, get_peft_model
 
-from conftest import SHARED, build_checkpoint, max_abs_diff
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
-from sglang_hf_bridge.training import (MeZOTrainer, MeZOTrainingArguments, PromptClassifier, PromptCollator,
-                                       PromptTemplate, load_lmbff_tsv)
+from sglang_hf_bridge.training import (
+    MeZOTrainer,
+    MeZOTrainingArguments,
+    PromptClassifier,
+    PromptCollator,
+    PromptTemplate,
+    load_lmbff_tsv,
+)
 
 EPS, LR, WD, STEPS, SEED = 1e-3, 1e-3, 0.01, 3, 42
 
@@ -85,7 +91,8 @@ def test_full_parameter_mezo_matches_reference(setup, tokenizer, tmp_path):
         trainer = _train(model, tokenizer, rows, template, label_ids, tmp_path)
         ours = {h["step"]: h["projected_grads"][0] for h in trainer.zo_history}
         ref_model = copy.deepcopy(hf)
-        ref = reference_mezo(ref_model, dict(ref_model.named_parameters()), trainer.seen, label_ids, tokenizer.mask_token_id)
+        ref = reference_mezo(ref_model, dict(ref_model.named_parameters()), trainer.seen, label_ids,
+                             tokenizer.mask_token_id)
         for step, g in enumerate(ref):
             # losses agree to ~1e-7 (different kernels); divided by 2*eps that is ~1e-4 on g
             assert abs(ours[step] - g) <= 1e-3 * max(1.0, abs(g)), (step, ours[step], g)
@@ -121,10 +128,10 @@ def test_lora_mezo_matches_reference(setup, tokenizer, tmp_path, paired):
 def test_perturb_and_restore_is_round_off_exact(setup, tokenizer):
     path, hf, *_ = setup
     from sglang_hf_bridge.engine.weights import hf_parameter_slices
-    from sglang_hf_bridge.training.zo import EngineWeights
+    from sglang_hf_bridge.training.zo import EngineWeightsTarget
 
     with SGLangRobertaForMaskedLM.from_pretrained(path, enable_lora=False) as model:
-        target = EngineWeights(model)
+        target = EngineWeightsTarget(model)
         before = {n: s.view.clone() for n, s in hf_parameter_slices(model.runtime.model).items()}
         for seed in (1, 2, 3):
             target.perturb(seed, EPS)

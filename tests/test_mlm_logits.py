@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_pools_free, max_abs_diff
+
 from sglang_hf_bridge import InputValidationError
 
 TEXTS = ["The movie was <mask>.", "It was <mask> and <mask>, honestly.", "<mask>"]

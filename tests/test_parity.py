@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_pools_free, build_checkpoint, max_abs_diff
 
 TOL = 1e-5

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES, build_checkpoint, max_abs_diff
 from transformers import AutoModelForMaskedLM
 
-from conftest import FAMILIES, build_checkpoint, max_abs_diff
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
 
 IDS = torch.tensor([[0, 11, 22, 33, 44, 2], [0, 55, 66, 2, 1, 1]])

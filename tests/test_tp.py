@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import build_checkpoint, max_abs_diff
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForMaskedLM, pipeline
 
-from conftest import build_checkpoint, max_abs_diff
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
 
 TOL = 1e-5
@@ -42,14 +42,15 @@ def test_forward_loss_hidden_states_match_hf(tp_pair, tokenizer):
         label_ids = [372, 6587]
         cm = model.compute_mlm_logits(enc["input_ids"], enc["attention_mask"], vocab_ids=label_ids)
         assert max_abs_diff(cm, ref.logits[enc["input_ids"] == tokenizer.mask_token_id][:, label_ids]) <= TOL
-    assert model.engine_pool_stats() == model.runtime.initial_pool_stats
+    assert model.engine_pool_stats() == model.engine_pool_capacity()
 
 
 def test_fill_mask_pipeline(tp_pair, tokenizer):
     _, hf, model = tp_pair
     a = pipeline("fill-mask", model=model, tokenizer=tokenizer)(TEXTS, top_k=5, batch_size=2)
     b = pipeline("fill-mask", model=hf, tokenizer=tokenizer)(TEXTS, top_k=5, batch_size=2)
-    flat = lambda r: [(x["token"], round(x["score"], 5)) for row in r for y in row for x in (y if isinstance(y, list) else [y])]  # noqa: E731
+    flat = lambda r: [(x["token"], round(x["score"], 5))  # noqa: E731
+                      for row in r for y in row for x in (y if isinstance(y, list) else [y])]
     assert flat(a) == flat(b)
 
 
@@ -107,19 +108,24 @@ def test_second_engine_next_to_tp_engine_is_refused(tp_pair):
 def test_mezo_trajectory_equals_tp1_and_reference(tp_pair, tokenizer, tmp_path):
     """Last in this module: it trains the shared tp=2 model. z is drawn per HF/PEFT name at full
     shape and sliced per rank, so the trajectory does not depend on tp_size."""
-    from test_mezo import EPS, LR, WD, SEED, RecordingMeZOTrainer, reference_mezo  # noqa: F401
-
     from conftest import SHARED
-    from sglang_hf_bridge.training import (MeZOTrainingArguments, PromptClassifier, PromptCollator,
-                                           PromptTemplate, load_lmbff_tsv)
+    from test_mezo import EPS, LR, SEED, WD, RecordingMeZOTrainer, reference_mezo  # noqa: F401
+
+    from sglang_hf_bridge.training import (
+        MeZOTrainingArguments,
+        PromptClassifier,
+        PromptCollator,
+        PromptTemplate,
+        load_lmbff_tsv,
+    )
 
     _, hf, model = tp_pair
     rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:16]
     template = PromptTemplate()
     label_ids = template.label_word_ids(tokenizer)
     torch.manual_seed(3)
-    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
-                                                              init_lora_weights=False)).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"], init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(hf), lora).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
     for mode in ("lora", "all"):
         if mode == "lora":
@@ -139,7 +145,8 @@ def test_mezo_trajectory_equals_tp1_and_reference(tp_pair, tokenizer, tmp_path):
             model.delete_adapter(["task", "__zo_plus__", "__zo_minus__"])
         else:
             ref_model = copy.deepcopy(hf)
-            reference_mezo(ref_model, dict(ref_model.named_parameters()), trainer.seen, label_ids, tokenizer.mask_token_id)
+            reference_mezo(ref_model, dict(ref_model.named_parameters()), trainer.seen, label_ids,
+                           tokenizer.mask_token_id)
             model.save_pretrained(tmp_path / "saved")
             saved = AutoModelForMaskedLM.from_pretrained(tmp_path / "saved")
             ref_params = dict(ref_model.named_parameters())
@@ -148,7 +155,7 @@ def test_mezo_trajectory_equals_tp1_and_reference(tp_pair, tokenizer, tmp_path):
 
 def test_caches_under_tensor_parallelism(tp_pair, tokenizer):
     """The front decides hits and evictions once; every rank keeps the same frozen-layer states."""
-    from sglang_hf_bridge.training.zo import EngineWeights
+    from sglang_hf_bridge.training.zo import EngineWeightsTarget
 
     _, _, model = tp_pair
     enc = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
@@ -161,14 +168,14 @@ def test_caches_under_tensor_parallelism(tp_pair, tokenizer):
         stats = model.cache_stats()
         assert stats["result"]["hits"] == 3 and stats["frozen_layer"]["misses"] == 3
         for layer in (1, 0):  # above the frozen layer (entries kept), then below it (entries dropped)
-            top = EngineWeights(model, lambda n: f".layer.{layer}." in n)
+            top = EngineWeightsTarget(model, lambda n: f".layer.{layer}." in n)
             top.perturb(5, 0.05)
             changed = model(**enc).logits
             model.clear_caches()
             assert max_abs_diff(changed, model(**enc).logits) <= 1e-6 and max_abs_diff(changed, ref) > 1e-4
             top.perturb(5, -0.05)
         assert max_abs_diff(model(**enc).logits, ref) <= 1e-5
-        assert model.engine_pool_stats() == model.runtime.initial_pool_stats
+        assert model.engine_pool_stats() == model.engine_pool_capacity()
     finally:
         model.disable_result_cache()
         model.disable_frozen_layer_cache()

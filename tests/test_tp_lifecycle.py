@@ -13,10 +13,10 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, build_checkpoint, max_abs_diff
-from sglang_hf_bridge import SGLangRobertaForMaskedLM
-from sglang_hf_bridge.engine.tp import WorkerError
+
+from sglang_hf_bridge import SGLangRobertaForMaskedLM, WorkerError
+from sglang_hf_bridge.process import free_local_port
 
 TOL = 1e-5
 
@@ -76,12 +76,10 @@ def test_two_nodes_on_loopback(tmp_path, monkeypatch):
     follower started by hand plays node 1 (rank 1), both on loopback."""
     import secrets
 
-    from sglang_hf_bridge import compat
-
     hf = build_checkpoint(tmp_path, "roberta", seed=25)
     authkey = secrets.token_hex(32)
     monkeypatch.setenv("SGLANG_HF_BRIDGE_TP_AUTHKEY", authkey)
-    port = compat.free_local_port()
+    port = free_local_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), SGLANG_HF_BRIDGE_TP_AUTHKEY=authkey)
     follower = subprocess.Popen([sys.executable, "-m", "sglang_hf_bridge.engine.tp_worker",
                                  f"127.0.0.1:{port + 1}", "1"], env=env)

@@ -1,17 +1,37 @@
-"""The engine room: one runtime object owns the SGLang ModelRunner (start, forward, close).
+"""The engine room: one runtime object owns SGLang's ModelRunner on every rank (start, forward,
+close). Importing it does not import SGLang; starting a runtime does.
 
-The face (``sglang_hf_bridge.modeling``) and training (``sglang_hf_bridge.training``) reach it
-only through this interface: :class:`EngineConfig` to start, :class:`EncoderCall` in,
-:class:`EncoderResult` out, ``runtime.adapters`` for LoRA slots, ``run_on_all_ranks`` with
-the lockstep operations of :mod:`sglang_hf_bridge.engine.weights`, and ``runtime.caches``
-(:class:`EngineCaches`: weight versions, the result and frozen-layer caches).
+The face (``sglang_hf_bridge.modeling``) and training (``sglang_hf_bridge.training``) reach the
+engine only through this interface:
+
+* :class:`EngineConfig` / :class:`LoRAEngineConfig` to start an :class:`EncoderRuntime`;
+* :class:`EncoderCall` in, :class:`EncoderResult` out (``runtime.forward``);
+* ``runtime.load_adapter`` / ``unload_adapter`` / ``adapter`` / ``adapter_matrices`` for LoRA;
+* ``runtime.collective_rpc(op, ...)`` with the rank operations below (MeZO's in-place updates,
+  checkpoint resume), ``runtime.full_parameters()`` for saving;
+* ``runtime.caches`` (weight versions, the result and frozen-layer caches).
 """
 
-from .caching import EngineCaches
 from .config import EngineConfig, LoRAEngineConfig
+from .directions import NamedSlice, add_scaled_directions, zo_update
 from .runtime import EncoderRuntime
-from .tp import TensorParallelRuntime, WorkerError
-from .types import EncoderCall, EncoderResult, EncoderSequence, SequenceResult
+from .types import EncoderCall, EncoderResult, EncoderSequence, QueryOnlySpec, SequenceResult
+from .versions import base_layer_of, min_layer_of
+from .weights import (
+    hf_parameter_slices,
+    rank_copy_adapter,
+    rank_perturb_adapter,
+    rank_perturb_weights,
+    rank_set_adapter_tensors,
+    rank_set_hf_tensors,
+    rank_update_adapter,
+    rank_update_weights,
+)
 
-__all__ = ["EngineCaches", "EngineConfig", "LoRAEngineConfig", "EncoderRuntime", "TensorParallelRuntime", "WorkerError",
-           "EncoderCall", "EncoderResult", "EncoderSequence", "SequenceResult"]
+__all__ = [
+    "EngineConfig", "LoRAEngineConfig", "EncoderRuntime",
+    "EncoderCall", "EncoderResult", "EncoderSequence", "QueryOnlySpec", "SequenceResult",
+    "NamedSlice", "add_scaled_directions", "zo_update", "hf_parameter_slices", "base_layer_of", "min_layer_of",
+    "rank_copy_adapter", "rank_perturb_adapter", "rank_perturb_weights", "rank_set_adapter_tensors",
+    "rank_set_hf_tensors", "rank_update_adapter", "rank_update_weights",
+]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Dict, Hashable, List, Optional
 
+from .. import compat
 from .frozen_cache import FrozenLayerIndex, sequence_identity
 from .result_cache import ResultCache
 from .types import EncoderCall, EncoderResult, FrozenPlan, SequenceResult
@@ -25,7 +26,7 @@ Run = Callable[[EncoderCall], EncoderResult]
 
 
 class EngineCaches:
-    """One per model, owned by the front runtime (rank 0)."""
+    """One per model, owned by the front (:class:`~.runtime.EncoderRuntime`, rank 0)."""
 
     def __init__(self, front) -> None:
         self.front = front
@@ -69,24 +70,17 @@ class EngineCaches:
         return out
 
     # ---- versions ----------------------------------------------------------------------------
-    def _adapter(self, lora_id: str):
-        return self.front.adapters.adapters[lora_id]
-
     def adapter_version(self, lora_id: Optional[str]):
         if lora_id is None:
             return None
-        return lora_id, self.versions.adapter_version(lora_id, list(self._adapter(lora_id).views.values()))
+        views = self.front.adapter(lora_id).views.values()
+        counters = sum(compat.tensor_version(t) for pair in views for t in pair)
+        return lora_id, self.versions.adapter_version(lora_id, counters)
 
     def weights_version(self) -> int:
         """One number that moves on every change: the clock plus the LoRA pool buffers' in-place
         version counters (both only ever grow)."""
-        manager = getattr(self.front.model_runner, "lora_manager", None)
-        counters = 0
-        if manager is not None:
-            pool = manager.memory_pool
-            for buffers in (pool.A_buffer, pool.B_buffer):
-                counters += sum(t._version for per_layer in buffers.values() for t in per_layer)
-        return self.versions.clock + counters
+        return self.versions.clock + self.front.adapters.buffer_version()
 
     def result_version(self, lora_id: Optional[str]) -> Hashable:
         return self.versions.base_version(), self.adapter_version(lora_id)
@@ -94,7 +88,7 @@ class EngineCaches:
     def _frozen_adapter_part(self, lora_id: Optional[str]) -> Optional[Hashable]:
         if lora_id is None:
             return None
-        layers = [layer for layer, _ in self._adapter(lora_id).weights]
+        layers = self.front.adapter(lora_id).layers
         if layers and min(layers) >= self.frozen.layer:
             return None  # the adapter changes nothing below L
         return self.adapter_version(lora_id)

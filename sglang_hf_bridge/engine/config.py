@@ -13,6 +13,9 @@ DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 # Engine names of the modules LoRA can target (SGLang normalises q/k/v into qkv_proj).
 LORA_ENGINE_MODULES = ("qkv_proj", "o_proj", "fc_in", "down_proj")
+# The shared secret of a tensor-parallel group (hex), for followers on other nodes.
+AUTHKEY_ENV = "SGLANG_HF_BRIDGE_TP_AUTHKEY"
+DEFAULT_MODEL_CLASS = "sglang_hf_bridge.sglang_models.roberta_mlm.SGLangBridgeRobertaForMaskedLM"
 
 
 @dataclass
@@ -21,7 +24,6 @@ class LoRAEngineConfig:
 
     max_rank: int = 16
     max_adapters: int = 8  # adapters resident at once (= SGLang max_loras_per_batch)
-    target_modules: tuple = LORA_ENGINE_MODULES
 
     def server_args_kwargs(self, device: str) -> Dict[str, Any]:
         return dict(
@@ -31,7 +33,7 @@ class LoRAEngineConfig:
             # evicted, so adapter tensors handed out as views stay the engine's own memory.
             max_loras_per_batch=self.max_adapters + 1,
             max_loaded_loras=self.max_adapters + 1,
-            lora_target_modules=list(self.target_modules),
+            lora_target_modules=list(LORA_ENGINE_MODULES),
             lora_backend="torch_native" if device == "cpu" else "triton",
         )
 
@@ -46,6 +48,8 @@ class EngineConfig:
 
     model_path: str
     architecture: str
+    # ``module.qualname`` of the SGLang-side model class (imported by every rank when it starts).
+    model_class: str = DEFAULT_MODEL_CLASS
     device: str = "cpu"
     dtype: str = "float32"
     tp_size: int = 1
@@ -61,6 +65,10 @@ class EngineConfig:
     lora: Optional["LoRAEngineConfig"] = None
     # Passed through to ServerArgs unchanged (SGLang field names).
     engine_options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return max(1, self.tp_size // self.nnodes)
 
     def resolved_attention_backend(self) -> str:
         if self.attention_backend:

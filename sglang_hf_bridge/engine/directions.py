@@ -1,7 +1,7 @@
 """Random directions z for zeroth-order training, and the in-place updates that use them.
 
 z is defined per HF/PEFT tensor name: N(0, 1) at the full HF shape from a CPU generator seeded
-by ``(seed, name)`` (:func:`direction`). MeZO never stores z; it regenerates it for every pass
+by ``(seed, name)`` (:func:`fill_direction`, the one definition). MeZO never stores z; it regenerates it for every pass
 over the weights, so generating it is a real share of a step's time on a CPU. Two things make
 that cheap without changing a single value:
 
@@ -41,11 +41,6 @@ def fill_direction(out: torch.Tensor, seed: int, name: str) -> torch.Tensor:
     return out.normal_(generator=torch.Generator().manual_seed(direction_seed(seed, name)))
 
 
-def direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
-    """The random direction z of one HF-named tensor, freshly allocated."""
-    return fill_direction(torch.empty(tuple(shape), dtype=torch.float32), seed, name)
-
-
 # ---- parallel generation into reused scratch memory ---------------------------------------------
 DIRECTION_THREADS = 2
 _pool: Optional[ThreadPoolExecutor] = None
@@ -69,7 +64,8 @@ def _draw(seed: int, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
 
 
 def release_scratch() -> None:
-    """Drop the scratch buffers (the next pass allocates them again)."""
+    """Stop the z threads and drop their scratch buffers (as large as the largest trained
+    tensor); called when an engine closes. The next pass starts them again."""
     global _pool
     if _pool is not None:
         _pool.shutdown(wait=True)

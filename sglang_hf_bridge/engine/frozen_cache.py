@@ -49,7 +49,7 @@ class FrozenLayerIndex:
         if base_version != self._base_version:  # weights below L changed: nothing kept is valid
             evict += list(self._entries)
             self._entries.clear()
-            self.stats.bytes = 0
+            self.stats.bytes = self.stats.entries = 0
             self._base_version = base_version
         keys = [(self.layer, sequence_identity(s), adapter_part(s.lora_id)) for s in call.sequences]
         compute, new_bytes = [], {}

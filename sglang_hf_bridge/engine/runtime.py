@@ -1,290 +1,150 @@
-"""EncoderRuntime: the one object that owns an SGLang ModelRunner (start, forward, close).
+"""EncoderRuntime: the engine as the face sees it -- one object, one lifecycle (start, forward,
+close), for 1 or N tensor-parallel ranks.
 
-The runtime knows nothing about transformers' ``PreTrainedModel``; callers describe work as an
-:class:`~sglang_hf_bridge.engine.types.EncoderCall` and get an
-:class:`~sglang_hf_bridge.engine.types.EncoderResult`.
+Rank 0's :class:`~.rank.RankEngine` runs in this process; ranks 1..N-1 are a
+:class:`~.workers.WorkerGroup` (empty when ``tp_size == 1``). Everything that touches engine
+state goes through :meth:`EncoderRuntime.collective_rpc`, which runs a rank operation on every
+rank in lockstep (a plain local call when there are no workers) and moves the weight versions
+by what the operation declares it writes. The caches sit in front and decide once per call.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Dict, Iterable, List, Optional, Tuple
+import uuid
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .. import compat
+from ..errors import EngineClosedError
+from ..process import free_local_port
+from . import rank_ops
+from .adapters import EngineAdapter
 from .caching import EngineCaches
 from .config import EngineConfig
-from .frozen_cache import FrozenStateStore
-from .scheduler import plan_chunks
+from .rank import RankEngine
+from .tp_shards import merge_lora, merge_parameters
+from .types import EncoderCall, EncoderResult
 from .versions import apply_effect
-from .types import EncoderCall, EncoderResult, PassInputs, QueryOnlyLoRA, QueryOnlyTokens, SequenceResult
-
-logger = logging.getLogger(__name__)
+from .workers import WorkerGroup
 
 WeightIterator = Iterable[Tuple[str, torch.Tensor]]
-
-
-class EngineClosedError(RuntimeError):
-    pass
 
 
 class EncoderRuntime:
     """Lifecycle: ``start(weights)`` -> ``forward(call)``* -> ``close()``."""
 
-    def __init__(self, config: EngineConfig, model_class, rank: int = 0, dist_port: Optional[int] = None):
+    def __init__(self, config: EngineConfig):
         self.config = config
-        self.model_class = model_class
-        self.rank = rank
-        self.dist_port = dist_port
-        self.model_runner = None
-        self.model = None
+        self.local: Optional[RankEngine] = None
+        self.workers = WorkerGroup(config)
+        self.caches = EngineCaches(self)
         self._closed = False
-        self._holds_parallel_runtime = False
-        self._adapters = None
-        self.caches = EngineCaches(self)  # used where this runtime is the front (tp_size == 1)
-        self.frozen_store = FrozenStateStore()  # this rank's frozen-layer states
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def started(self) -> bool:
-        return self.model_runner is not None and not self._closed
-
     def start(self, weights: WeightIterator) -> "EncoderRuntime":
-        from sglang.srt.configs.model_config import ModelConfig
-        from sglang.srt.distributed import bootstrap
-        from sglang.srt.model_executor.model_runner import ModelRunner
-        from sglang.srt.models.registry import ModelRegistry
-        from sglang.srt.runtime_context import SpawnRanks, publish
-        from sglang.srt.server_args import ServerArgs
+        """Start every rank: workers first (they meet rank 0 in SGLang's collectives while it
+        builds its ModelRunner), then rank 0 with ``weights``; workers read the checkpoint."""
+        from .. import compat
 
-        cfg = self.config
-        compat.prepare_process(cfg.device, cfg.tp_size)
-        compat.check_parallel_runtime_available(cfg.device, cfg.tp_size)  # before publish() touches globals
-        ModelRegistry.models[cfg.architecture] = self.model_class
-        port = self.dist_port or compat.free_local_port()
-        server_args = ServerArgs(**cfg.server_args_kwargs(port))
-        local_rank = self.rank % max(1, cfg.tp_size // cfg.nnodes)  # device / core slot on this node
-        publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=self.rank, gpu_id=local_rank))
-        compat.init_process_global_configs()
-        model_config = ModelConfig.from_server_args(server_args)
-        compat.init_parallel_runtime_once(bootstrap, server_args, cfg.device, port, cfg.tp_size)
-        self._holds_parallel_runtime = True
-        bootstrap.init_layer_runtime(model_config=model_config)
-        if cfg.lora is not None:
-            compat.patch_lora_pinning()
-        with compat.no_pinning():
-            mr = ModelRunner(
-                model_config=model_config,
-                mem_fraction_static=0.9,
-                gpu_id=local_rank,
-                nccl_port=port,
-                server_args=server_args,
-            )
-            mr.alloc_memory_pool()
-            mr.init_attention_backends()
-            mr.init_cuda_graphs()
-        self.model_runner = mr
-        self.model = mr.model
-        self.load_weights(weights)
-        self.initial_pool_stats = self.pool_stats()
+        compat.check_parallel_runtime_available(self.config.device, self.config.tp_size)
+        port = free_local_port()
+        try:
+            self.workers.launch(port)
+            self.local = RankEngine(self.config, rank=0, dist_port=port)  # set first: close() must release it
+            self.local.start(weights)
+            self.workers.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.caches.versions.bump_base(None)
         return self
 
-    def load_weights(self, weights: WeightIterator) -> None:
-        """Load HF-named tensors; every engine parameter must be filled."""
-        self.caches.versions.bump_base(None)
-        loaded = self.model.load_weights(weights)
-        missing = sorted(self.model.expected_loaded_names() - set(loaded))
-        if missing:
-            raise ValueError(f"checkpoint is missing tensors for: {', '.join(missing[:8])}"
-                             + (" ..." if len(missing) > 8 else ""))
+    @property
+    def started(self) -> bool:
+        return self.local is not None and self.local.started and not self._closed
 
     def close(self) -> None:
+        """Stop the workers and rank 0's engine, free caches and the z scratch memory."""
+        from .directions import release_scratch
+
         if self._closed:
             return
         self._closed = True
-        self.model_runner = self.model = None
-        self.frozen_store.tensors.clear()
         self.caches.drop_all()
-        if self._holds_parallel_runtime:
-            self._holds_parallel_runtime = False
-            compat.release_parallel_runtime()
+        self.workers.stop()
+        if self.local is not None:
+            self.local.close()
+        release_scratch()
 
-    # ------------------------------------------------------------------ pools
-    def pool_stats(self) -> Dict[str, int]:
-        mr = self._runner()
-        return {
-            "free_request_rows": mr.req_to_token_pool.available_size(),
-            "free_kv_slots": mr.token_to_kv_pool_allocator.available_size(),
-        }
-
-    def _runner(self):
-        if self._closed or self.model_runner is None:
+    def _engine(self) -> RankEngine:
+        if self._closed or self.local is None or not self.local.started:
             raise EngineClosedError("the SGLang engine of this model is closed")
-        return self.model_runner
+        return self.local
 
-    def run_on_all_ranks(self, function_path: str, *args):
-        """Call ``function(runtime, *args)`` on every rank (here: one); returns the results.
-        The weight versions move by what the function declares it writes (``versions.writes``)."""
-        function = resolve_path(function_path)
-        try:
-            return [function(self, *args)]
-        finally:
-            apply_effect(self.caches.versions, function, args)
+    # ------------------------------------------------------------------ rank 0's state (read)
+    @property
+    def model(self):
+        """Rank 0's SGLang-side model (its parameters are rank 0's shards)."""
+        return self._engine().model
 
-    # ------------------------------------------------------------------ adapters
+    @property
+    def model_runner(self):
+        return self._engine().model_runner
+
     @property
     def adapters(self):
-        if self._adapters is None:
-            from .adapters import AdapterPool
+        """Rank 0's adapter pool (read it; change it with :meth:`load_adapter`/:meth:`unload_adapter`)."""
+        return self._engine().adapters
 
-            self._adapters = AdapterPool(self)
-        return self._adapters
+    def adapter(self, lora_id: str) -> EngineAdapter:
+        return self.adapters.adapters[lora_id]
 
-    def _query_only_lora(self, lora_ids, device):
-        if self._adapters is None or not any(lora_ids):
-            return None
-        by_id = {}
-        for row, lora_id in enumerate(lora_ids):
-            if lora_id is not None:
-                by_id.setdefault(lora_id, []).append(row)
-        groups = []
-        for lora_id, rows in by_id.items():
-            a = self._adapters.adapters[lora_id]
-            groups.append((self._adapters.slot_of(lora_id), a.rank, a.scaling,
-                           torch.tensor(rows, dtype=torch.long, device=device)))
-        return QueryOnlyLoRA(groups=groups)
+    def pool_stats(self) -> Dict[str, int]:
+        return self._engine().pool_stats()
 
-    # ------------------------------------------------------------------ forward
+    def pool_capacity(self) -> Dict[str, int]:
+        """What :meth:`pool_stats` reads when nothing is in flight."""
+        return dict(self._engine().initial_pool_stats)
+
+    # ------------------------------------------------------------------ the one fan-out
+    def collective_rpc(self, fn: Callable[..., Any], *args: Any, gather: bool = True) -> List[Any]:
+        """Run ``fn(rank_engine, *args)`` on every rank in lockstep; returns each rank's result,
+        rank 0 first (workers return None when ``gather`` is False). ``fn`` must be a module-level
+        rank operation (declared with :func:`~.versions.writes`); the weight versions move by
+        what it declares."""
+        engine = self._engine()
+        try:
+            self.workers.send_call(fn, args, gather)
+            mine = fn(engine, *args)
+            return [mine] + self.workers.receive()
+        finally:
+            apply_effect(self.caches.versions, fn, args)
+
+    # ------------------------------------------------------------------ what the face asks
     def forward(self, call: EncoderCall) -> EncoderResult:
-        """Run one call through the caches (when configured) and the engine."""
-        self._runner()
-        return self.caches.forward(call, self.forward_on_rank)
+        """Run one call through the caches (when configured) and every rank."""
+        self._engine()
+        return self.caches.forward(call, self._forward_all_ranks)
 
-    def forward_on_rank(self, call: EncoderCall) -> EncoderResult:
-        """This rank's share of a call whose caching the front has already decided."""
-        if call.frozen is not None:
-            return self.frozen_store.apply(call, self._forward_engine)
-        return self._forward_engine(call)
+    def _forward_all_ranks(self, call: EncoderCall) -> EncoderResult:
+        return self.collective_rpc(rank_ops.rank_forward, call, gather=False)[0]
 
-    @torch.no_grad()
-    def _forward_engine(self, call: EncoderCall) -> EncoderResult:
-        mr = self._runner()
-        results: List[SequenceResult] = [None] * len(call.sequences)  # type: ignore[list-item]
-        budget = min(self.config.max_num_tokens, mr.token_to_kv_pool_allocator.available_size())
-        rows = min(self.config.max_running_requests, mr.req_to_token_pool.available_size())
-        for chunk in plan_chunks([len(s.input_ids) for s in call.sequences], budget, rows):
-            for idx, res in zip(chunk, self._forward_chunk(mr, call, chunk)):
-                results[idx] = res
-        return EncoderResult(sequences=results)
+    def load_adapter(self, name: str, weights, rank: int, scaling: float) -> EngineAdapter:
+        lora_id = uuid.uuid4().hex
+        self._engine().adapters.check_room(rank)
+        self.collective_rpc(rank_ops.rank_load_adapter, name, weights, rank, scaling, lora_id)
+        return self.adapter(lora_id)
 
-    def _forward_chunk(self, mr, call: EncoderCall, chunk: List[int]) -> List[SequenceResult]:
-        from .batch import ExtendBatch
+    def unload_adapter(self, lora_id: str) -> None:
+        self.collective_rpc(rank_ops.rank_unload_adapter, lora_id)
 
-        seqs = [call.sequences[i] for i in chunk]
-        device = mr.device
-        lens = [len(s.input_ids) for s in seqs]
-        starts = [0]
-        for n in lens[:-1]:
-            starts.append(starts[-1] + n)
-        pass_inputs = PassInputs(
-            position_ids=_flat([s.position_ids for s in seqs], device),
-            token_type_ids=_flat([s.token_type_ids or [0] * n for s, n in zip(seqs, lens)], device),
-            collect_hidden_states=call.output_hidden_states,
-            query_only=_query_only_tokens(seqs, starts, device, self._query_only_lora),
-            start_layer=call.start_layer,
-            stop_layer=call.stop_layer,
-        )
-        if call.start_layer:
-            pass_inputs.initial_hidden = torch.cat([s.initial_hidden for s in seqs]).to(device)
-            qo = [s.query_only_initial for s in seqs if s.query_only]
-            pass_inputs.query_only_initial = torch.cat(qo).to(device) if qo else None
-        with compat.no_pinning(), ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
-            self.model.pass_inputs = pass_inputs
-            try:
-                out = mr.forward(fb).logits_output
-            finally:
-                self.model.pass_inputs = None
-        hidden = out if isinstance(out, torch.Tensor) else getattr(out, "embeddings", out)
-        return self._split_results(call, seqs, starts, lens, hidden, pass_inputs)
+    def full_parameters(self) -> Dict[str, torch.Tensor]:
+        """Every engine parameter at full (unsharded) size, gathered from all ranks."""
+        return merge_parameters(self.collective_rpc(rank_ops.rank_parameters))
 
-    def _split_results(self, call, seqs, starts, lens, hidden, p: PassInputs) -> List[SequenceResult]:
-        vocab_ids = None
-        if call.vocab_ids is not None:
-            vocab_ids = torch.as_tensor(call.vocab_ids, dtype=torch.long, device=hidden.device)
-        # Gather every position that needs the LM head and run it once for the whole chunk.
-        if call.logits == "all":
-            head_rows = torch.arange(hidden.shape[0], device=hidden.device)
-        elif call.logits == "selected":
-            idx = [st + pos for s, st in zip(seqs, starts) for pos in (s.logit_positions or [])]
-            head_rows = torch.as_tensor(idx, dtype=torch.long, device=hidden.device)
-        else:
-            head_rows = None
-        logits = None
-        if head_rows is not None and head_rows.numel() > 0:
-            logits = self.model.compute_logits(hidden[head_rows], vocab_ids)
-        qo_logits = None
-        if p.query_only_last is not None and call.logits != "none":
-            qo_logits = self.model.compute_logits(p.query_only_last, vocab_ids)
-
-        results, offset, qo_offset = [], 0, 0
-        for s, st, n in zip(seqs, starts, lens):
-            r = SequenceResult()
-            if logits is not None:
-                k = n if call.logits == "all" else len(s.logit_positions or [])
-                r.logits = logits[offset : offset + k]
-                offset += k
-            if call.output_hidden_states:
-                r.hidden_states = [h[st : st + n] for h in p.hidden_states]
-            if call.return_last_hidden:
-                r.last_hidden = hidden[st : st + n]
-            nq = len(s.query_only or [])
-            if nq:
-                if call.return_last_hidden:
-                    r.query_only_last_hidden = p.query_only_last[qo_offset : qo_offset + nq]
-                if qo_logits is not None:
-                    r.query_only_logits = qo_logits[qo_offset : qo_offset + nq]
-                if call.output_hidden_states:
-                    r.query_only_hidden_states = [h[qo_offset : qo_offset + nq] for h in p.query_only_hidden_states]
-                qo_offset += nq
-            results.append(r)
-        return results
-
-
-def resolve_path(function_path: str):
-    import importlib
-
-    module_name, fn_name = function_path.rsplit(".", 1)
-    return getattr(importlib.import_module(module_name), fn_name)
-
-
-def call_by_path(function_path: str, runtime, *args):
-    """Run ``module.function(runtime, *args)`` named by its dotted path (how operations travel
-    to tensor-parallel workers: by name, never as pickled code)."""
-    return resolve_path(function_path)(runtime, *args)
-
-
-def _flat(lists: List[List[int]], device) -> torch.Tensor:
-    flat = [x for lst in lists for x in lst]
-    return torch.tensor(flat, dtype=torch.long, device=device)
-
-
-def _query_only_tokens(seqs, starts, device, lora_groups) -> Optional[QueryOnlyTokens]:
-    specs = [(i, q) for i, s in enumerate(seqs) for q in (s.query_only or [])]
-    if not specs:
-        return None
-    lmax = max(len(seqs[i].input_ids) for i, _ in specs)
-    key_index = torch.zeros((len(specs), lmax), dtype=torch.long)
-    key_mask = torch.zeros((len(specs), lmax), dtype=torch.bool)
-    for j, (i, _) in enumerate(specs):
-        n = len(seqs[i].input_ids)
-        key_index[j, :n] = torch.arange(starts[i], starts[i] + n)
-        key_mask[j, :n] = True
-    return QueryOnlyTokens(
-        input_ids=torch.tensor([q.input_id for _, q in specs], dtype=torch.long, device=device),
-        position_ids=torch.tensor([q.position_id for _, q in specs], dtype=torch.long, device=device),
-        token_type_ids=torch.tensor([q.token_type_id for _, q in specs], dtype=torch.long, device=device),
-        key_index=key_index.to(device),
-        key_mask=key_mask.to(device),
-        lora=lora_groups([seqs[i].lora_id for i, _ in specs], device),
-    )
+    def adapter_matrices(self, lora_id: str) -> Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]]:
+        """Full copies of an adapter's ``(A, B)`` per ``(layer, module)``, gathered from all ranks."""
+        per_rank = self.collective_rpc(rank_ops.rank_adapter_matrices, lora_id)
+        return {key: tuple(merge_lora(key[1], which, [r[key][i] for r in per_rank])  # type: ignore[misc]
+                           for i, which in enumerate("AB"))
+                for key in per_rank[0]}

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-
-class SequenceTooLongError(ValueError):
-    pass
+from ..errors import SequenceTooLongError
 
 
 def plan_chunks(lengths: List[int], token_budget: int, max_rows: int) -> List[List[int]]:

@@ -1,8 +1,7 @@
-"""Putting tensor-parallel shards back together (for saving full, unsharded checkpoints).
+"""Putting tensor-parallel shards back together (for full, unsharded saves and reads).
 
-Which dimension SGLang shards, by engine parameter name: column-parallel layers and the
-vocabulary split rows (dim 0), row-parallel layers split columns (dim 1), the fused qkv_proj
-holds ``[q_r; k_r; v_r]`` per rank, everything else is replicated.
+How each engine parameter is split comes from the weight map's :data:`SHARD_RULES`
+(:mod:`sglang_hf_bridge.sglang_models.weight_map`); LoRA matrices follow their base layer.
 """
 
 from __future__ import annotations
@@ -11,23 +10,19 @@ from typing import Dict, List
 
 import torch
 
-from .versions import writes
-
-ROW_SPLIT_SUFFIXES = ("o_proj.weight", "down_proj.weight")
-COLUMN_SPLIT_SUFFIXES = ("fc_in.weight", "fc_in.bias", "word_embeddings.weight", "lm_head.bias",
-                         "lm_head.decoder.weight")
-QKV_SUFFIXES = ("qkv_proj.weight", "qkv_proj.bias")
+from ..sglang_models.weight_map import LORA_ROW_PARALLEL, shard_rule
 
 
 def merge_parameter(name: str, shards: List[torch.Tensor]) -> torch.Tensor:
     if len(shards) == 1:
         return shards[0]
-    if name.endswith(QKV_SUFFIXES):
+    rule = shard_rule(name)
+    if rule == "qkv":  # each rank holds [q_r; k_r; v_r]
         parts = [s.chunk(3, dim=0) for s in shards]
         return torch.cat([torch.cat([p[i] for p in parts], dim=0) for i in range(3)], dim=0)
-    if name.endswith(COLUMN_SPLIT_SUFFIXES):
+    if rule in ("dim0", "vocab"):
         return torch.cat(shards, dim=0)
-    if name.endswith(ROW_SPLIT_SUFFIXES):
+    if rule == "dim1":
         return torch.cat(shards, dim=1)
     return shards[0]
 
@@ -41,14 +36,7 @@ def merge_lora(module: str, which: str, shards: List[torch.Tensor]) -> torch.Ten
     columns; the other matrix is replicated."""
     if len(shards) == 1:
         return shards[0]
-    row_parallel = module in ("o_proj", "down_proj")
+    row_parallel = module in LORA_ROW_PARALLEL
     if which == "A":
         return torch.cat(shards, dim=1) if row_parallel else shards[0]
     return shards[0] if row_parallel else torch.cat(shards, dim=0)
-
-
-@writes(None)
-def adapter_views_cloned(runtime, lora_id: str):
-    """Run on every rank: that rank's A/B views of an adapter, copied to CPU."""
-    adapter = runtime.adapters.adapters[lora_id]
-    return {key: (a.detach().cpu().clone(), b.detach().cpu().clone()) for key, (a, b) in adapter.views.items()}

@@ -8,10 +8,9 @@ is the largest of their stamps, so any change to any of them raises it, and a ch
 
 Who bumps (every path that writes engine weights or adapter matrices):
 
-* ``EncoderRuntime.load_weights`` -- all base components;
-* adapter load / unload (``AdapterPool``, ``_TPAdapters``) -- that adapter;
-* ``run_on_all_ranks(op)`` -- what ``op`` declares with :func:`writes` (HF names -> layers,
-  an adapter id); an op that declares nothing bumps everything;
+* ``EncoderRuntime.start`` -- all base components;
+* ``EncoderRuntime.collective_rpc(op)`` -- what ``op`` declares with :func:`writes` (HF names ->
+  layers, an adapter id: adapter load/unload, MeZO's in-place operations, checkpoint resume);
 * in-place edits through the views ``adapter_tensors()`` hands out: those views share PyTorch's
   version counter with SGLang's LoRA pool buffers, and :meth:`WeightVersions.adapter_version`
   folds those counters in, so even a user's ``view.add_(...)`` changes the version.
@@ -23,7 +22,7 @@ changes which adapter each row names, and the adapter id is part of every key.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 EMBEDDINGS = -1
 HEAD = 1 << 20  # sorts after every encoder layer
@@ -84,10 +83,10 @@ class WeightVersions:
         stamps = [t for layer, t in self._base.items() if below is None or layer < below]
         return max([self._all_base, *stamps])
 
-    def adapter_version(self, lora_id: str, views: Sequence) -> Tuple[int, int]:
-        """(last explicit bump, sum of the pool buffers' in-place version counters)."""
+    def adapter_version(self, lora_id: str, counters: int) -> Tuple[int, int]:
+        """(last explicit bump, ``counters``: the sum of the adapter's views' in-place version
+        counters, which the caller reads)."""
         explicit = max(self._lora.get(lora_id, 0), self._all_lora)
-        counters = sum(t._version for pair in views for t in pair)
         return explicit, counters
 
 
@@ -96,9 +95,10 @@ WriteEffect = Callable[..., Tuple[str, object]]
 
 
 def writes(effect: Optional[WriteEffect]):
-    """Declare what a lockstep op (``fn(runtime, *args)``) writes: ``effect(*args)`` returns
-    ``("base", hf_names)``, ``("adapter", lora_id)`` or ``("nothing", None)``. Ops without a
-    declaration are taken to write everything."""
+    """Declare a rank operation (``fn(engine, *args)``, run on every rank by ``collective_rpc``)
+    and what it writes: ``effect(*args)`` returns ``("base", hf_names)``, ``("adapter",
+    lora_id)`` or ``("nothing", None)``; ``None`` = writes nothing. Workers run only functions
+    declared this way."""
 
     def mark(fn):
         fn.weight_effect = effect if effect is not None else (lambda *a: ("nothing", None))

@@ -7,11 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import FrozenSet, Tuple
 
+from ..errors import UnsupportedAdapterError
 from .names import hf_module_names, hf_module_to_engine
-
-
-class UnsupportedAdapterError(ValueError):
-    """A PEFT feature or adapter shape the engine cannot run."""
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,11 @@ from typing import Dict, Tuple
 
 import torch
 
-from .config import UnsupportedAdapterError
+from ..errors import AdapterFileError, UnsupportedAdapterError
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-
-
-class AdapterFileError(ValueError):
-    """The adapter directory is missing or incomplete."""
 
 
 def read_adapter_dir(path) -> Tuple[object, Dict[str, torch.Tensor]]:

@@ -8,11 +8,13 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ..engine.adapters import module_dims
-from .config import AdapterSpec, UnsupportedAdapterError
+from ..errors import UnsupportedAdapterError
+from ..sglang_models.weight_map import module_dims
+from .config import AdapterSpec
 
 
-def init_adapter_weights(spec: AdapterSpec, init_lora_weights, model_config) -> Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]]:
+def init_adapter_weights(spec: AdapterSpec, init_lora_weights,
+                         model_config) -> Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]]:
     """True: A kaiming-uniform(a=sqrt(5)), B zeros. "gaussian": A ~ N(0, 1/r), B zeros.
     False: both as nn.Linear's default (B != 0, for tests and debugging)."""
     if init_lora_weights not in (True, False, "gaussian"):

@@ -5,22 +5,18 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Tuple
 
+from ..sglang_models.weight_map import BASE_MODEL_PREFIXES, HF_BASE_PREFIX, LORA_MODULES
+
 # HF module (relative to ``roberta.encoder.layer.N.``) -> engine module
-ADAPTABLE_MODULES = {
-    "attention.self.query": "q_proj",
-    "attention.self.key": "k_proj",
-    "attention.self.value": "v_proj",
-    "attention.output.dense": "o_proj",
-    "intermediate.dense": "fc_in",
-    "output.dense": "down_proj",
-}
-ENGINE_TO_HF = {v: k for k, v in ADAPTABLE_MODULES.items()}
-BASE_PREFIX = "roberta"
+ADAPTABLE_MODULES = {hf: engine for engine, hf in LORA_MODULES.items()}
+ENGINE_TO_HF = dict(LORA_MODULES)
+BASE_PREFIX = HF_BASE_PREFIX
 
 _PEFT_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:(?:roberta|camembert|xlm_roberta)\.)?encoder\.layer\.(\d+)\."
-    r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?:(?:" + "|".join(re.escape(p[:-1]) for p in BASE_MODEL_PREFIXES) + r")\.)?"
+    r"encoder\.layer\.(\d+)\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$"
 )
+_HF_MODULE = re.compile(rf"^{BASE_PREFIX}\.encoder\.layer\.(\d+)\.(.+)$")
 
 
 def hf_module_names(config) -> List[str]:
@@ -34,7 +30,7 @@ def hf_module_names(config) -> List[str]:
 
 
 def hf_module_to_engine(name: str) -> Optional[Tuple[int, str]]:
-    m = re.match(rf"^{BASE_PREFIX}\.encoder\.layer\.(\d+)\.(.+)$", name)
+    m = _HF_MODULE.match(name)
     if m and m.group(2) in ADAPTABLE_MODULES:
         return int(m.group(1)), ADAPTABLE_MODULES[m.group(2)]
     return None

@@ -9,24 +9,18 @@ next forward computes with.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..engine.adapters import AdapterError
-from ..lora.config import AdapterSpec, UnsupportedAdapterError, resolve_adapter_spec
+from ..errors import AdapterError, PeftWrappingError, UnsupportedAdapterError
+from ..lora.config import AdapterSpec, resolve_adapter_spec
 from ..lora.files import read_adapter_dir, write_adapter_dir
 from ..lora.init import init_adapter_weights
 from ..lora.names import engine_key_to_peft, peft_key_to_engine
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
-
-
-class PeftWrappingError(TypeError):
-    """peft.PeftModel / get_peft_model cannot wrap an engine-backed model."""
-
 
 PEFT_WRAPPING_MESSAGE = (
     "peft.PeftModel / get_peft_model cannot wrap an SGLang-backed model: PEFT injects torch LoRA "
@@ -48,8 +42,10 @@ class _ReadOnlyPeftConfigs(dict):
         raise PeftWrappingError(PEFT_WRAPPING_MESSAGE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedAdapter:
+    """What the face knows of a loaded adapter (``model.adapter_info(name)``)."""
+
     name: str
     lora_id: str
     peft_config: object
@@ -105,7 +101,7 @@ class SGLangAdapterMixin:
         self._max_lora_rank()
 
     def _register(self, name, config, spec, weights) -> None:
-        engine = self.runtime.adapters.load(name, weights, spec.rank, spec.scaling)
+        engine = self.runtime.load_adapter(name, weights, spec.rank, spec.scaling)
         self._adapter_state()[name] = LoadedAdapter(name, engine.lora_id, config, spec)
         self._bridge_active = name
         self._bridge_enabled = True
@@ -147,7 +143,7 @@ class SGLangAdapterMixin:
             if name not in state:
                 raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
         for name in names:
-            self.runtime.adapters.unload(state.pop(name).lora_id)
+            self.runtime.unload_adapter(state.pop(name).lora_id)
             if self._bridge_active == name:
                 self._bridge_active = next(iter(state), None)
 
@@ -167,7 +163,7 @@ class SGLangAdapterMixin:
                 "adapter_tensors() hands out views of one engine's memory; under tp_size > 1 each rank "
                 "holds a shard. Use adapter_state_dict() for full copies."
             )
-        engine = self.runtime.adapters.adapters[adapter.lora_id]
+        engine = self.runtime.adapter(adapter.lora_id)
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             a, b = engine.views[(layer, module)]
@@ -178,16 +174,11 @@ class SGLangAdapterMixin:
     def adapter_state_dict(self, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """Full PEFT-named copies of an adapter's matrices (gathered across TP ranks)."""
         adapter = self._get_adapter(adapter_name)
-        if self.runtime.config.tp_size == 1:
-            return {k: v.detach().clone() for k, v in self.adapter_tensors(adapter.name).items()}
-        from ..engine.tp_shards import merge_lora
-
-        per_rank = self.runtime.run_on_all_ranks("sglang_hf_bridge.engine.tp_shards.adapter_views_cloned",
-                                                 adapter.lora_id)
+        matrices = self.runtime.adapter_matrices(adapter.lora_id)
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             for i, which in enumerate("AB"):
-                out[engine_key_to_peft(layer, module, which)] = merge_lora(module, which, [r[(layer, module)][i] for r in per_rank])
+                out[engine_key_to_peft(layer, module, which)] = matrices[(layer, module)][i]
         return out
 
     def save_adapter(self, save_directory, adapter_name: Optional[str] = None) -> None:
@@ -198,6 +189,11 @@ class SGLangAdapterMixin:
         config.base_model_name_or_path = getattr(self, "name_or_path", None)
         config.inference_mode = True
         write_adapter_dir(save_directory, config, self.adapter_state_dict(adapter.name))
+
+    def adapter_info(self, adapter_name: Optional[str] = None) -> LoadedAdapter:
+        """Name, engine id, PEFT config and resolved targets of a loaded adapter (default: the
+        active one)."""
+        return self._get_adapter(adapter_name)
 
     def _get_adapter(self, adapter_name: Optional[str]) -> LoadedAdapter:
         state = self._adapter_state()
@@ -249,7 +245,8 @@ def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec):
         if set(ab) != {"A", "B"}:
             raise UnsupportedAdapterError(f"layer {key[0]} {key[1]}: needs both lora_A and lora_B")
         if key not in spec.targets:
-            raise UnsupportedAdapterError(f"adapter has weights for layer {key[0]} {key[1]}, which its config does not target")
+            raise UnsupportedAdapterError(
+                f"adapter has weights for layer {key[0]} {key[1]}, which its config does not target")
         weights[key] = (ab["A"], ab["B"])
     missing = sorted(spec.targets - set(weights))
     if missing:

@@ -7,6 +7,7 @@ engine's named interface (``EncoderCall`` / ``EncoderResult``) and shapes them l
 from __future__ import annotations
 
 import atexit
+import os
 import weakref
 from typing import Any, Optional, Union
 
@@ -15,19 +16,18 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from .. import log_control
-from ..engine.config import EngineConfig, LoRAEngineConfig
-from ..engine.runtime import EncoderRuntime
-from ..engine.tp import TensorParallelRuntime
-from .adapters import SGLangAdapterMixin
-from .caching import EngineCacheMixin
-from .checkpoint import (
-    CheckpointError,
+from ..checkpoint import (
+    CheckpointFiles,
     checkpoint_tensor_names,
     iter_checkpoint_tensors,
     locate_checkpoint,
     require_masked_lm_head,
     validate_masked_lm_config,
 )
+from ..engine import EncoderRuntime, EngineConfig, LoRAEngineConfig
+from ..errors import CheckpointError, InferenceOnlyError
+from .adapters import SGLangAdapterMixin
+from .caching import EngineCacheMixin
 
 _LIVE_MODELS: "weakref.WeakSet[SGLangPreTrainedModel]" = weakref.WeakSet()
 
@@ -36,10 +36,6 @@ _LIVE_MODELS: "weakref.WeakSet[SGLangPreTrainedModel]" = weakref.WeakSet()
 def _close_all_models() -> None:
     for model in list(_LIVE_MODELS):
         model.close()
-
-
-class InferenceOnlyError(RuntimeError):
-    pass
 
 
 class _InferenceOnlyGrad(torch.autograd.Function):
@@ -81,6 +77,30 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def _read_config(files: CheckpointFiles):
+    """The checkpoint's config (never running code from it), validated as a masked LM with a head."""
+    try:
+        config = AutoConfig.from_pretrained(files.directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raise with the path named
+        raise CheckpointError(f"cannot read config.json in {files.directory!r}: {e}") from e
+    validate_masked_lm_config(config)
+    require_masked_lm_head(checkpoint_tensor_names(files), files.directory)
+    return config
+
+
+def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles) -> EncoderRuntime:
+    """Start the engine (importing SGLang on first use) and load the checkpoint into it."""
+    log_control.import_sglang_quietly()
+    with log_control.quiet_sglang():
+        runtime = EncoderRuntime(engine_config)
+        try:
+            runtime.start(iter_checkpoint_tensors(files, progress=log_control.progress_enabled()))
+        except BaseException:
+            runtime.close()
+            raise
+    return runtime
+
+
 def check_tensor_parallel_size(config, tp_size: int) -> None:
     """Refuse a ``tp_size`` the sharded layers cannot split, before any process starts."""
     problems = []
@@ -101,7 +121,8 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
 
     base_model_prefix = "roberta"
     sglang_architecture: str = ""
-    sglang_model_class: Any = None
+    # ``module.qualname`` of the SGLang-side model class (imported when the engine starts).
+    sglang_model_class: str = ""
     supports_gradient_checkpointing = False
     _supports_sdpa = True
 
@@ -137,60 +158,19 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
         machinery with room for ``max_loras`` resident adapters of rank <= ``max_lora_rank``.
         ``result_cache_mb`` > 0 turns the whole-sequence result cache on (see
         ``enable_result_cache``). ``engine_options`` go to SGLang's ``ServerArgs`` unchanged.
+        The first call in a process imports SGLang (a few seconds).
         """
         if not isinstance(result_cache_mb, (int, float)) or result_cache_mb < 0:
             raise ValueError(f"result_cache_mb must be a number >= 0, got {result_cache_mb!r}")
         files = locate_checkpoint(pretrained_model_name_or_path)
-        try:
-            config = AutoConfig.from_pretrained(files.directory, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raise with the path named
-            raise CheckpointError(f"cannot read config.json in {files.directory!r}: {e}") from e
-        validate_masked_lm_config(config)
-        require_masked_lm_head(checkpoint_tensor_names(files), files.directory)
-        torch_dtype = _resolve_dtype(dtype, config)
-        torch_device = _resolve_device(device)
-        if not isinstance(tp_size, int) or tp_size < 1:
-            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
-        check_tensor_parallel_size(config, tp_size)
-        nnodes = int(engine_options.pop("nnodes", 1))
-        node_rank = int(engine_options.pop("node_rank", 0))
-        dist_init_addr = engine_options.pop("dist_init_addr", None)
-        if node_rank != 0:
-            raise ValueError("the process that calls from_pretrained is rank 0 (node_rank=0); start the other "
-                             "nodes' ranks with `python -m sglang_hf_bridge.engine.tp_worker HOST:PORT RANK`")
-        if nnodes < 1 or tp_size % nnodes:
-            raise ValueError(f"nnodes={nnodes} must divide tp_size={tp_size}")
-        engine_config = EngineConfig(
-            model_path=files.directory,
-            architecture=cls.sglang_architecture,
-            device=torch_device.type,
-            dtype=str(torch_dtype).replace("torch.", ""),
-            tp_size=tp_size,
-            nnodes=nnodes,
-            node_rank=node_rank,
-            dist_init_addr=dist_init_addr,
-            max_sequence_length=config.max_position_embeddings - config.pad_token_id - 1,
-            engine_options=dict(engine_options),
-            lora=LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
+        config = _read_config(files)
+        torch_dtype, torch_device = _resolve_dtype(dtype, config), _resolve_device(device)
+        engine_config = cls._engine_config(
+            files, config, torch_device, torch_dtype, tp_size, max_num_tokens,
+            LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
+            dict(engine_options),
         )
-        if max_num_tokens is not None:
-            if max_num_tokens < engine_config.max_sequence_length:
-                raise ValueError(
-                    f"max_num_tokens={max_num_tokens} is smaller than one full-length sequence "
-                    f"({engine_config.max_sequence_length} tokens)"
-                )
-            engine_config.max_num_tokens = int(max_num_tokens)
-        engine_config.max_num_tokens = max(engine_config.max_num_tokens, engine_config.max_sequence_length)
-        with log_control.quiet_sglang():
-            if tp_size > 1:
-                runtime = TensorParallelRuntime(engine_config, cls.sglang_model_class, files.directory)
-            else:
-                runtime = EncoderRuntime(engine_config, cls.sglang_model_class)
-            try:
-                runtime.start(iter_checkpoint_tensors(files, progress=log_control.progress_enabled()))
-            except BaseException:
-                runtime.close()
-                raise
+        runtime = _start_runtime(engine_config, files)
         model = cls(config, runtime=runtime)
         model._engine_device = torch_device
         model._engine_dtype = torch_dtype
@@ -201,11 +181,50 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
             model.enable_result_cache(result_cache_mb)
         return model
 
+    @classmethod
+    def _engine_config(cls, files: CheckpointFiles, config, device: torch.device, dtype: torch.dtype, tp_size,
+                       max_num_tokens, lora: Optional[LoRAEngineConfig], engine_options: dict) -> EngineConfig:
+        """Validate the engine-shaping arguments (before any process starts) into an EngineConfig."""
+        if not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
+        check_tensor_parallel_size(config, tp_size)
+        nnodes = int(engine_options.pop("nnodes", 1))
+        node_rank = int(engine_options.pop("node_rank", 0))
+        if node_rank != 0:
+            raise ValueError("the process that calls from_pretrained is rank 0 (node_rank=0); start the other "
+                             "nodes' ranks with `python -m sglang_hf_bridge.engine.tp_worker HOST:PORT RANK`")
+        if nnodes < 1 or tp_size % nnodes:
+            raise ValueError(f"nnodes={nnodes} must divide tp_size={tp_size}")
+        max_sequence_length = config.max_position_embeddings - config.pad_token_id - 1
+        if max_num_tokens is not None and max_num_tokens < max_sequence_length:
+            raise ValueError(f"max_num_tokens={max_num_tokens} is smaller than one full-length sequence "
+                             f"({max_sequence_length} tokens)")
+        engine_config = EngineConfig(
+            model_path=files.directory,
+            architecture=cls.sglang_architecture,
+            model_class=cls.sglang_model_class,
+            device=device.type,
+            dtype=str(dtype).replace("torch.", ""),
+            tp_size=tp_size,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            dist_init_addr=engine_options.pop("dist_init_addr", None),
+            max_sequence_length=max_sequence_length,
+            engine_options=engine_options,
+            lora=lora,
+        )
+        if max_num_tokens is not None:
+            engine_config.max_num_tokens = int(max_num_tokens)
+        engine_config.max_num_tokens = max(engine_config.max_num_tokens, max_sequence_length)
+        return engine_config
+
     # ------------------------------------------------------------------ lifecycle
     @property
     def runtime(self) -> EncoderRuntime:
+        """The engine underneath (:mod:`sglang_hf_bridge.engine`'s interface)."""
         if self._runtime is None or not self._runtime.started:
-            raise RuntimeError(f"{type(self).__name__} has no running engine (closed, or not loaded with from_pretrained)")
+            raise RuntimeError(
+                f"{type(self).__name__} has no running engine (closed, or not loaded with from_pretrained)")
         return self._runtime
 
     def close(self) -> None:
@@ -223,6 +242,10 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
     def engine_pool_stats(self):
         """Free request rows and KV slots of the engine (they are all free between calls)."""
         return self.runtime.pool_stats()
+
+    def engine_pool_capacity(self):
+        """What :meth:`engine_pool_stats` reads when no call is in flight."""
+        return self.runtime.pool_capacity()
 
     # ------------------------------------------------------------------ torch / HF surface
     @property

@@ -24,7 +24,8 @@ class EngineCacheMixin:
         layers from there on. Exact while nothing below ``from_layer`` changes (a change there
         empties the cache); rows whose adapter has weights below it are keyed by that adapter."""
         if not isinstance(from_layer, int) or not 0 < from_layer < self.config.num_hidden_layers:
-            raise ValueError(f"from_layer must be an int in [1, {self.config.num_hidden_layers - 1}], got {from_layer!r}")
+            top = self.config.num_hidden_layers - 1
+            raise ValueError(f"from_layer must be an int in [1, {top}], got {from_layer!r}")
         if max_mb <= 0:
             raise ValueError(f"max_mb must be > 0, got {max_mb}")
         self.runtime.caches.configure_frozen_cache(from_layer, int(max_mb * MIB))

@@ -13,11 +13,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..engine.types import EncoderSequence, QueryOnlySpec
-
-
-class InputValidationError(ValueError):
-    """Inputs the model cannot run (shapes, dtypes, ids, lengths)."""
+from ..engine import EncoderSequence, QueryOnlySpec
+from ..errors import InputValidationError
 
 
 @dataclass
@@ -65,6 +62,12 @@ def validate_and_prepare(
 ) -> Tuple[PreparedBatch, torch.Tensor]:
     """Check everything HF would trip over (or silently index out of range) and build the
     engine's ragged sequences. Returns the batch and the [B, T] 0/1 attention mask."""
+    ids, mask, types, pos = validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
+    return ragged_batch(ids, mask, types, pos, with_query_only), mask
+
+
+def validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids):
+    """``(ids, mask, types, positions)`` as ``[B, T]`` long CPU tensors, or InputValidationError."""
     ids = _as_2d_long("input_ids", input_ids)
     if ids is None:
         raise InputValidationError("input_ids is required (inputs_embeds is not supported)")
@@ -101,31 +104,30 @@ def validate_and_prepare(
     if int(lengths.min()) == 0:
         row = int((lengths == 0).nonzero()[0])
         raise InputValidationError(f"row {row} has no tokens (attention_mask is all zeros)")
+    return ids, mask, types, pos
 
+
+def ragged_batch(ids, mask, types, pos, with_query_only: bool) -> PreparedBatch:
+    """One engine sequence per row (real tokens only), plus the query-only specs that stand for
+    each row's padded positions (one per distinct (token, position, type))."""
+    B, T = ids.shape
     sequences, real_index, groups = [], [], []
     for b in range(B):
         real = mask[b].nonzero().flatten()
         specs: List[QueryOnlySpec] = []
         row_groups: List[Tuple[int, torch.Tensor]] = []
         if with_query_only and len(real) < T:
-            pads = (mask[b] == 0).nonzero().flatten()
             keyed: Dict[Tuple[int, int, int], List[int]] = {}
-            for col in pads.tolist():
+            for col in (mask[b] == 0).nonzero().flatten().tolist():
                 keyed.setdefault((int(ids[b, col]), int(pos[b, col]), int(types[b, col])), []).append(col)
             for (tok, p, tt), cols in keyed.items():
                 row_groups.append((len(specs), torch.tensor(cols)))
                 specs.append(QueryOnlySpec(tok, p, tt))
-        sequences.append(
-            EncoderSequence(
-                input_ids=ids[b, real].tolist(),
-                position_ids=pos[b, real].tolist(),
-                token_type_ids=types[b, real].tolist(),
-                query_only=specs or None,
-            )
-        )
+        sequences.append(EncoderSequence(input_ids=ids[b, real].tolist(), position_ids=pos[b, real].tolist(),
+                                         token_type_ids=types[b, real].tolist(), query_only=specs or None))
         real_index.append(real)
         groups.append(row_groups)
-    return PreparedBatch(sequences, real_index, groups, (B, T)), mask
+    return PreparedBatch(sequences, real_index, groups, (B, T))
 
 
 def scatter_rows(prepared: PreparedBatch, per_row_real, per_row_query, width: int, dtype, fill=0.0) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from transformers import RobertaConfig
 from transformers.modeling_outputs import MaskedLMOutput
 
-from ..engine.types import EncoderCall
-from ..sglang_models.roberta_mlm import SGLangBridgeRobertaForMaskedLM
+from ..engine import EncoderCall
+from ..errors import InputValidationError
 from .base import SGLangPreTrainedModel
-from .inputs import InputValidationError, scatter_rows, validate_and_prepare
+from .inputs import scatter_rows, validate_and_prepare
 from .saving import save_engine_checkpoint
 
 
@@ -26,7 +26,7 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
 
     config_class = RobertaConfig
     sglang_architecture = "SGLangBridgeRobertaForMaskedLM"
-    sglang_model_class = SGLangBridgeRobertaForMaskedLM
+    sglang_model_class = "sglang_hf_bridge.sglang_models.roberta_mlm.SGLangBridgeRobertaForMaskedLM"
 
     def forward(
         self,
@@ -79,7 +79,8 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
         if labels is not None:
             labels = torch.as_tensor(labels)
             if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise InputValidationError(f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}")
+                raise InputValidationError(
+                    f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}")
             loss = F.cross_entropy(logits.view(-1, V), labels.to(torch.long).view(-1), ignore_index=-100)
             loss = self._guard(loss)
         logits = self._guard(logits)
@@ -151,9 +152,10 @@ class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
         loads. With adapters (as transformers does with PEFT adapters loaded): the adapter
         ``adapter_name`` (default: the active one) in PEFT format; ``save_base_model=True``
         also writes the base checkpoint."""
-        if self._adapter_state() and adapter_name is None and self._bridge_active is None:
-            adapter_name = next(iter(self._adapter_state()))
-        if self._adapter_state():
+        loaded = list(self._adapter_state())
+        if loaded and adapter_name is None and self._bridge_active is None:
+            adapter_name = loaded[0]
+        if loaded:
             self.save_adapter(save_directory, adapter_name)
             if save_base_model:
                 save_engine_checkpoint(self, save_directory)

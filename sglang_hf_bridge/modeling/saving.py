@@ -1,4 +1,4 @@
-"""Engine weights -> an HF masked-LM checkpoint, through the SGLang model's name table."""
+"""Engine weights -> an HF masked-LM checkpoint, through the weight map's name table."""
 
 from __future__ import annotations
 
@@ -7,46 +7,34 @@ from typing import Dict
 
 import torch
 
-from ..sglang_models.roberta_mlm import engine_to_checkpoint_names
-from .checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
-
-
-def engine_parameters(runtime) -> Dict[str, torch.Tensor]:
-    """Full (unsharded) engine parameters: gathered from every rank under tensor parallelism."""
-    if hasattr(runtime, "rank_parameters"):
-        from ..engine.tp_shards import merge_parameters
-
-        return merge_parameters(runtime.rank_parameters())
-    return dict(runtime.model.named_parameters())
+from ..checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
+from ..sglang_models.weight_map import QKV_SHARDS, engine_to_checkpoint_names, shard_rule, to_hf_name
 
 
 def engine_state_dict(params: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
-    """HF-named tensors (``roberta.`` prefix, q/k/v unfused) copied from the engine's weights."""
+    """HF-named tensors (``roberta.`` prefix, q/k/v unfused) copied from full engine weights."""
     state: Dict[str, torch.Tensor] = {}
     H = config.hidden_size
+    tied = getattr(config, "tie_word_embeddings", True)
     for engine_name, param in params.items():
-        targets = engine_to_checkpoint_names(engine_name)
-        if not targets:
-            continue
         tensor = param.detach().to("cpu")
-        if engine_name in ("embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.bias"):
-            tensor = tensor[: config.vocab_size]
-        for ckpt_name, shard in targets:
+        if shard_rule(engine_name) == "vocab":
+            tensor = tensor[: config.vocab_size]  # drop SGLang's vocabulary padding
+        for ckpt_name, shard in engine_to_checkpoint_names(engine_name):
+            if ckpt_name == "lm_head.decoder.bias" and tied:
+                continue  # tied to lm_head.bias; HF does not store it
             value = tensor
             if shard is not None:
-                offset = {"q": 0, "k": 1, "v": 2}[shard] * H
+                offset = QKV_SHARDS.index(shard) * H
                 value = tensor[offset : offset + H]
-            full = ckpt_name if ckpt_name.startswith("lm_head.") else "roberta." + ckpt_name
-            if full == "lm_head.decoder.bias" and getattr(config, "tie_word_embeddings", True):
-                continue  # tied to lm_head.bias; HF does not store it
-            state[full] = value.clone()
+            state[to_hf_name(ckpt_name)] = value.clone()
     return state
 
 
 def save_engine_checkpoint(model, save_directory) -> None:
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
-    params = engine_parameters(model.runtime)
+    params = model.runtime.full_parameters()
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.architectures = [SUPPORTED_MODEL_TYPES[config.model_type]]
     config.dtype = str(model.dtype).replace("torch.", "")

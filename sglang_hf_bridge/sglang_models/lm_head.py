@@ -11,14 +11,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from sglang.srt.distributed.communication_op import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
 from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from torch import nn
 
 
 class MaskedLMHead(nn.Module):

@@ -4,7 +4,8 @@ SGLang 0.5.23 ships no masked-LM head, and its stock BERT/RoBERTa modules are na
 ``encoder.layer.N.attention.self.query``, which its LoRA machinery cannot target. This file
 builds the same post-LayerNorm encoder from SGLang's parallel layers with LoRA-targetable names
 (``layers.N.self_attn.qkv_proj``, ``o_proj``, ``mlp.fc_in``, ``mlp.down_proj``) and maps HF
-checkpoint names onto them through the explicit :data:`CHECKPOINT_TO_ENGINE` table.
+checkpoint names onto them through the explicit table in :mod:`.weight_map` (which also says how
+each parameter is split over tensor-parallel ranks).
 
 Per-call inputs the engine cannot express through ``ForwardBatch`` (HF position ids, token type
 ids, "query-only" tokens standing for padded positions, hidden-state collection) arrive as an
@@ -14,13 +15,10 @@ right before ``ModelRunner.forward``.
 
 from __future__ import annotations
 
-import re
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
 from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -28,93 +26,11 @@ from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
+from torch import nn
 
+from .. import compat
 from .lm_head import MaskedLMHead
-
-# HF checkpoint name (after stripping the ``roberta.``/``camembert.`` prefix) -> engine name.
-# ``{i}`` is the layer index. The q/k/v entries carry the shard id of the fused qkv_proj.
-CHECKPOINT_TO_ENGINE: List[Tuple[str, str, Optional[str]]] = [
-    ("embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight", None),
-    ("embeddings.position_embeddings.weight", "embeddings.position_embeddings.weight", None),
-    ("embeddings.token_type_embeddings.weight", "embeddings.token_type_embeddings.weight", None),
-    ("embeddings.LayerNorm.weight", "embeddings.layer_norm.weight", None),
-    ("embeddings.LayerNorm.bias", "embeddings.layer_norm.bias", None),
-    ("encoder.layer.{i}.attention.self.query.weight", "layers.{i}.self_attn.qkv_proj.weight", "q"),
-    ("encoder.layer.{i}.attention.self.query.bias", "layers.{i}.self_attn.qkv_proj.bias", "q"),
-    ("encoder.layer.{i}.attention.self.key.weight", "layers.{i}.self_attn.qkv_proj.weight", "k"),
-    ("encoder.layer.{i}.attention.self.key.bias", "layers.{i}.self_attn.qkv_proj.bias", "k"),
-    ("encoder.layer.{i}.attention.self.value.weight", "layers.{i}.self_attn.qkv_proj.weight", "v"),
-    ("encoder.layer.{i}.attention.self.value.bias", "layers.{i}.self_attn.qkv_proj.bias", "v"),
-    ("encoder.layer.{i}.attention.output.dense.weight", "layers.{i}.self_attn.o_proj.weight", None),
-    ("encoder.layer.{i}.attention.output.dense.bias", "layers.{i}.self_attn.o_proj.bias", None),
-    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layers.{i}.attn_norm.weight", None),
-    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layers.{i}.attn_norm.bias", None),
-    ("encoder.layer.{i}.intermediate.dense.weight", "layers.{i}.mlp.fc_in.weight", None),
-    ("encoder.layer.{i}.intermediate.dense.bias", "layers.{i}.mlp.fc_in.bias", None),
-    ("encoder.layer.{i}.output.dense.weight", "layers.{i}.mlp.down_proj.weight", None),
-    ("encoder.layer.{i}.output.dense.bias", "layers.{i}.mlp.down_proj.bias", None),
-    ("encoder.layer.{i}.output.LayerNorm.weight", "layers.{i}.ffn_norm.weight", None),
-    ("encoder.layer.{i}.output.LayerNorm.bias", "layers.{i}.ffn_norm.bias", None),
-    ("lm_head.dense.weight", "lm_head.dense.weight", None),
-    ("lm_head.dense.bias", "lm_head.dense.bias", None),
-    ("lm_head.layer_norm.weight", "lm_head.layer_norm.weight", None),
-    ("lm_head.layer_norm.bias", "lm_head.layer_norm.bias", None),
-    ("lm_head.bias", "lm_head.bias", None),
-    # Only for checkpoints with tie_word_embeddings=False: the engine model then owns a decoder,
-    # and HF's forward uses decoder.bias (not lm_head.bias) -- see load_weights.
-    ("lm_head.decoder.weight", "lm_head.decoder.weight", None),
-    ("lm_head.decoder.bias", "lm_head.bias", None),
-]
-
-# Checkpoint names that are accepted and deliberately not loaded.
-IGNORED_CHECKPOINT_NAMES = (
-    re.compile(r"^embeddings\.position_ids$"),
-    re.compile(r"^pooler\."),
-)
-
-BASE_MODEL_PREFIXES = ("roberta.", "camembert.", "xlm_roberta.")
-
-
-def _compile_table():
-    table = []
-    for ckpt, engine, shard in CHECKPOINT_TO_ENGINE:
-        pattern = re.compile("^" + re.escape(ckpt).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-        table.append((pattern, engine, shard))
-    return table
-
-
-_COMPILED_TABLE = _compile_table()
-
-
-def checkpoint_to_engine_name(name: str) -> Optional[Tuple[str, Optional[str]]]:
-    """Map one HF checkpoint tensor name to ``(engine_name, shard_id)``; None if ignored.
-
-    Raises KeyError for a name that is neither mapped nor deliberately ignored, so unexpected
-    tensors are never dropped silently.
-    """
-    for prefix in BASE_MODEL_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    for pattern in IGNORED_CHECKPOINT_NAMES:
-        if pattern.match(name):
-            return None
-    for pattern, engine, shard in _COMPILED_TABLE:
-        m = pattern.match(name)
-        if m:
-            return engine.format(i=m.groupdict().get("i")), shard
-    raise KeyError(name)
-
-
-def engine_to_checkpoint_names(engine_name: str) -> List[Tuple[str, Optional[str]]]:
-    """Inverse of the table: the HF names (without base prefix) that fill ``engine_name``."""
-    out = []
-    for ckpt, engine, shard in CHECKPOINT_TO_ENGINE:
-        pattern = re.compile("^" + re.escape(engine).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-        m = pattern.match(engine_name)
-        if m:
-            out.append((ckpt.format(i=m.groupdict().get("i")), shard))
-    return out
+from .weight_map import checkpoint_to_engine_name, engine_to_checkpoint_names
 
 
 class RobertaEmbeddings(nn.Module):
@@ -192,13 +108,11 @@ class RobertaSelfAttention(nn.Module):
 def _query_only_linear(layer, x, lora, n_slices: int = 1):
     """A (possibly LoRA-wrapped) SGLang linear layer applied to query-only rows, outside the
     engine batch: base weights, plus each row's adapter delta read from the LoRA pool slot."""
-    base = getattr(layer, "base_layer", layer)
+    base = compat.lora_base_layer(layer)
     out, _ = base(x)
-    # SGLang's QKV LoRA layer names its buffers A_buffer_qkv/B_buffer_qkv, the others A/B_buffer.
-    A_all = getattr(layer, "A_buffer_qkv", None) if n_slices == 3 else getattr(layer, "A_buffer", None)
-    B_all = getattr(layer, "B_buffer_qkv", None) if n_slices == 3 else getattr(layer, "B_buffer", None)
-    if lora is None or A_all is None:
+    if lora is None or base is layer:
         return out
+    A_all, B_all = compat.lora_layer_buffers(layer, fused_qkv=n_slices == 3)
     for slot, rank, scaling, rows in lora.groups:
         A = A_all[slot, : n_slices * rank]
         B = B_all[slot, :, :rank]
@@ -289,7 +203,10 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         qo = None
         if p.query_only is not None:
             q = p.query_only
-            states = self.embeddings(q.input_ids, q.position_ids, q.token_type_ids) if start == 0 else p.query_only_initial
+            if start == 0:
+                states = self.embeddings(q.input_ids, q.position_ids, q.token_type_ids)
+            else:
+                states = p.query_only_initial
             qo = (states, q.key_index, q.key_mask, q.lora)
         p.hidden_states = [x] if p.collect_hidden_states else None
         p.query_only_hidden_states = [qo[0]] if (qo is not None and p.collect_hidden_states) else None

@@ -2,7 +2,8 @@
 
 Per step and per sample i: seed s; theta += eps z; l+ ; theta -= 2 eps z; l- ; theta += eps z
 (restore); g = (l+ - l-) / (2 eps); then theta -= lr (g z / n + wd theta) with z regenerated
-from s. The last restore and its update share one pass over z (three z passes per step, not four). No gradient buffers, no optimizer state, no second copy of the weights. For a LoRA
+from s. The last restore and its update share one pass over z (three z passes per step, not
+four). No gradient buffers, no optimizer state, no second copy of the weights. For a LoRA
 adapter on the engine the +eps z and -eps z passes run as two scratch adapters in ONE engine
 batch (rows tagged per adapter).
 """
@@ -17,9 +18,9 @@ from typing import Dict, List, Optional
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..engine.versions import base_layer_of, min_layer_of
+from ..engine import base_layer_of, min_layer_of, rank_copy_adapter
 from .prompts import PromptClassifier
-from .zo import EngineAdapter, EngineWeights, TorchParameters
+from .zo import EngineAdapterTarget, EngineWeightsTarget, TorchParametersTarget
 
 PLUS, MINUS = "__zo_plus__", "__zo_minus__"
 
@@ -28,7 +29,8 @@ PLUS, MINUS = "__zo_plus__", "__zo_minus__"
 class MeZOTrainingArguments(TrainingArguments):
     zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale epsilon"})
     zo_num_samples: int = field(default=1, metadata={"help": "n of n-SPSA: directions per step"})
-    zo_trainable: str = field(default="auto", metadata={"help": "'all' weights, 'lora' (the active adapter), or 'auto'"})
+    zo_trainable: str = field(default="auto",
+                              metadata={"help": "'all' weights, 'lora' (the active adapter), or 'auto'"})
     zo_paired_batch: bool = field(default=True, metadata={"help": "LoRA on the engine: +/- passes in one batch"})
     zo_top_layers: int = field(default=0, metadata={
         "help": "full-parameter MeZO on the top k encoder layers and the LM head only (0: every weight)"})
@@ -97,13 +99,13 @@ class MeZOTrainer(Trainer):
                                      f"{base.config.num_hidden_layers} layers")
                 include = lambda n: base_layer_of(n) >= first  # noqa: E731 (encoder layers >= first, LM head)
             if mode == "lora" and not engine:  # PEFT on transformers: the same PEFT names as the engine's
-                self._zo_target = TorchParameters(base, include=lambda n: "lora_" in n, rename=_peft_saved_name)
+                self._zo_target = TorchParametersTarget(base, include=lambda n: "lora_" in n, rename=_peft_saved_name)
             elif mode == "lora":
                 if not base.active_adapters():
                     raise ValueError("zo_trainable='lora' needs an active adapter (model.add_adapter / load_adapter)")
-                self._zo_target = EngineAdapter(base, base.active_adapters()[0])
+                self._zo_target = EngineAdapterTarget(base, base.active_adapters()[0])
             else:
-                self._zo_target = EngineWeights(base, include) if engine else TorchParameters(base, include)
+                self._zo_target = EngineWeightsTarget(base, include) if engine else TorchParametersTarget(base, include)
             self._enable_frozen_layer_cache(base, engine)
         return self._zo_target
 
@@ -117,21 +119,20 @@ class MeZOTrainer(Trainer):
             base.enable_frozen_layer_cache(first, self.args.zo_frozen_cache_mb)
 
     def _paired(self) -> bool:
-        return (self.args.zo_paired_batch and isinstance(self.zo_target(), EngineAdapter)
+        return (self.args.zo_paired_batch and isinstance(self.zo_target(), EngineAdapterTarget)
                 and isinstance(self.model, PromptClassifier))
 
-    def _ensure_scratch_adapters(self, target: EngineAdapter):
+    def _ensure_scratch_adapters(self, target: EngineAdapterTarget):
         base = target.model
-        state = base._adapter_state()
-        if PLUS not in state:
+        if PLUS not in base.peft_config:
             import copy
 
-            config = copy.deepcopy(state[target.adapter_name].peft_config)
+            config = copy.deepcopy(base.adapter_info(target.adapter_name).peft_config)
             active = base.active_adapters()
             for name in (PLUS, MINUS):
                 base.add_adapter(config, adapter_name=name)
             base.set_adapter(active[0])
-        return state[PLUS].lora_id, state[MINUS].lora_id
+        return base.adapter_info(PLUS).lora_id, base.adapter_info(MINUS).lora_id
 
     # ---- the step ----------------------------------------------------------------------------
     def _loss(self, model, inputs) -> float:
@@ -140,11 +141,11 @@ class MeZOTrainer(Trainer):
         loss = out["loss"] if isinstance(out, dict) else out.loss
         return float(loss)
 
-    def _paired_losses(self, target: EngineAdapter, inputs, seed: int):
+    def _paired_losses(self, target: EngineAdapterTarget, inputs, seed: int):
         plus_id, minus_id = self._ensure_scratch_adapters(target)
         eps = self.args.zo_eps
         for lora_id, sign in ((plus_id, 1.0), (minus_id, -1.0)):
-            target.model.runtime.run_on_all_ranks("sglang_hf_bridge.engine.weights.rank_copy_adapter", target.lora_id, lora_id)
+            target.model.runtime.collective_rpc(rank_copy_adapter, target.lora_id, lora_id)
             target.perturb(seed, sign * eps, lora_id=lora_id)
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
         B = ids.shape[0]
@@ -191,7 +192,7 @@ class MeZOTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         base = self._base_model()
-        if isinstance(self.zo_target(), EngineAdapter):
+        if isinstance(self.zo_target(), EngineAdapterTarget):
             base.save_adapter(output_dir, self.zo_target().adapter_name)
         else:
             base.save_pretrained(output_dir)

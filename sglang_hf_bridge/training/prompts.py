@@ -70,7 +70,8 @@ class PromptClassifier(nn.Module):
     def uses_engine(self) -> bool:
         return hasattr(self.model, "compute_mlm_logits")
 
-    def label_logits(self, input_ids, attention_mask=None, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    def label_logits(self, input_ids, attention_mask=None,
+                     adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
         mask_pos = input_ids == self.mask_token_id
         if (mask_pos.sum(dim=1) != 1).any():
             raise ValueError("every prompt must contain exactly one mask token")

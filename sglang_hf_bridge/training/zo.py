@@ -1,6 +1,6 @@
 """What MeZO perturbs: the engine's weights, one engine adapter, or a torch model's parameters.
 
-All three draw z per HF/PEFT name (``engine.directions.direction``), so the same seeds give the
+All three draw z per HF/PEFT name (``engine.directions.fill_direction``), so the same seeds give the
 same trajectory on the engine (any tp_size) and on plain transformers.
 """
 
@@ -10,9 +10,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..engine.directions import NamedSlice, add_scaled_directions, zo_update
-
-W = "sglang_hf_bridge.engine.weights."
+from .. import engine
+from ..checkpoint import iter_checkpoint_tensors, locate_checkpoint
+from ..engine import NamedSlice, add_scaled_directions, zo_update
 
 
 def no_decay_names(names: Sequence[str]) -> List[str]:
@@ -20,64 +20,60 @@ def no_decay_names(names: Sequence[str]) -> List[str]:
     return [n for n in names if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
 
 
-class EngineWeights:
+class EngineWeightsTarget:
     """Full-parameter MeZO on an engine model: its own weights perturbed in place, every rank."""
 
     def __init__(self, model, include: Optional[Callable[[str], bool]] = None):
-        from ..engine.weights import hf_parameter_slices
-
         self.model = model
-        names = sorted(hf_parameter_slices(model.runtime.model))
+        names = sorted(engine.hf_parameter_slices(model.runtime.model))
         self.names = [n for n in names if include is None or include(n)]
 
     def perturb(self, seed: int, scale: float) -> None:
-        self.model.runtime.run_on_all_ranks(W + "rank_perturb_weights", self.names, seed, scale)
+        self.model.runtime.collective_rpc(engine.rank_perturb_weights, self.names, seed, scale)
 
     def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
-        self.model.runtime.run_on_all_ranks(W + "rank_update_weights", self.names, seed, lr, projected_grad,
-                                            weight_decay, no_decay_names(self.names), restore)
+        self.model.runtime.collective_rpc(engine.rank_update_weights, self.names, seed, lr, projected_grad,
+                                          weight_decay, no_decay_names(self.names), restore)
 
     def load_checkpoint(self, directory: str) -> None:
-        from ..modeling.checkpoint import iter_checkpoint_tensors, locate_checkpoint
-
         wanted = set(self.names)
         tensors = {n: t for n, t in iter_checkpoint_tensors(locate_checkpoint(directory)) if n in wanted}
-        self.model.runtime.run_on_all_ranks(W + "rank_set_hf_tensors", tensors)
+        self.model.runtime.collective_rpc(engine.rank_set_hf_tensors, tensors)
 
 
-class EngineAdapter:
+class EngineAdapterTarget:
     """LoRA MeZO: only one adapter's A/B matrices (PEFT names), in the engine's LoRA pool."""
 
     def __init__(self, model, adapter_name: str):
         from ..lora.names import engine_key_to_peft
 
         self.model, self.adapter_name = model, adapter_name
-        loaded = model._adapter_state()[adapter_name]
+        loaded = model.adapter_info(adapter_name)
         self.lora_id = loaded.lora_id
         self.peft_names = {(l, m, w): engine_key_to_peft(l, m, w) for (l, m) in loaded.spec.targets for w in "AB"}
         self.names = sorted(self.peft_names.values())
 
     def perturb(self, seed: int, scale: float, lora_id: Optional[str] = None) -> None:
-        self.model.runtime.run_on_all_ranks(W + "rank_perturb_adapter", lora_id or self.lora_id, self.peft_names,
-                                            self.names, seed, scale)
+        self.model.runtime.collective_rpc(engine.rank_perturb_adapter, lora_id or self.lora_id, self.peft_names,
+                                          self.names, seed, scale)
 
     def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
-        self.model.runtime.run_on_all_ranks(W + "rank_update_adapter", self.lora_id, self.peft_names, self.names, seed,
-                                            lr, projected_grad, weight_decay, [], restore)
+        self.model.runtime.collective_rpc(engine.rank_update_adapter, self.lora_id, self.peft_names, self.names,
+                                          seed, lr, projected_grad, weight_decay, [], restore)
 
     def copy_into(self, other_adapter_name: str) -> str:
-        other = self.model._adapter_state()[other_adapter_name].lora_id
-        self.model.runtime.run_on_all_ranks(W + "rank_copy_adapter", self.lora_id, other)
+        other = self.model.adapter_info(other_adapter_name).lora_id
+        self.model.runtime.collective_rpc(engine.rank_copy_adapter, self.lora_id, other)
         return other
 
     def load_checkpoint(self, directory: str) -> None:
         from ..lora.files import read_adapter_dir
 
         _, state = read_adapter_dir(directory)
-        self.model.runtime.run_on_all_ranks(W + "rank_set_adapter_tensors", self.lora_id, self.peft_names, state)
+        self.model.runtime.collective_rpc(engine.rank_set_adapter_tensors, self.lora_id, self.peft_names, state)
 
 
-class TorchParameters:
+class TorchParametersTarget:
     """The same MeZO on a plain torch/transformers model (the HF baseline)."""
 
     def __init__(self, model: torch.nn.Module, include: Optional[Callable[[str], bool]] = None,
@@ -97,8 +93,6 @@ class TorchParameters:
                   restore)
 
     def load_checkpoint(self, directory: str) -> None:
-        from ..modeling.checkpoint import iter_checkpoint_tensors, locate_checkpoint
-
         with torch.no_grad():
             for n, t in iter_checkpoint_tensors(locate_checkpoint(directory)):
                 if n in self.slices:

@@ -1,7 +1,8 @@
 """Reading and writing HF masked-LM checkpoint directories without running code from them.
 
 safetensors first; ``.bin`` files only through ``torch.load(weights_only=True)``. Paths and
-configs are validated before any engine starts.
+configs are validated before any engine starts. Shared by the face (validation, saving) and the
+engine's worker ranks (each reads the checkpoint itself), so it belongs to neither.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from .errors import CheckpointError
+
 SUPPORTED_MODEL_TYPES = {
     "roberta": "RobertaForMaskedLM",
     "xlm-roberta": "XLMRobertaForMaskedLM",
@@ -20,10 +23,6 @@ SUPPORTED_MODEL_TYPES = {
 }
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-class CheckpointError(ValueError):
-    """The directory is missing, unreadable, or not a supported masked-LM checkpoint."""
 
 
 @dataclass
@@ -68,8 +67,8 @@ def locate_checkpoint(path) -> CheckpointFiles:
     )
 
 
-def validate_masked_lm_config(config) -> str:
-    """Return the HF masked-LM class name for ``config`` or raise CheckpointError."""
+def validate_masked_lm_config(config) -> None:
+    """Raise CheckpointError unless ``config`` is a supported masked-LM config."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -80,7 +79,6 @@ def validate_masked_lm_config(config) -> str:
         raise CheckpointError(
             f"checkpoint architectures {archs} contain no masked-LM head (expected *ForMaskedLM)"
         )
-    return SUPPORTED_MODEL_TYPES[model_type]
 
 
 def iter_checkpoint_tensors(files: CheckpointFiles, progress: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -1,0 +1,240 @@
+"""RankEngine: one SGLang ModelRunner on one tensor-parallel rank (start, forward, close).
+
+Every rank runs one: rank 0 in the user's process, ranks 1..N-1 in worker processes
+(:mod:`.workers`). It knows nothing of transformers' ``PreTrainedModel``, of caching policy or
+of other ranks: callers hand it an :class:`~.types.EncoderCall` whose caching the front
+(:class:`~.runtime.EncoderRuntime`) has already decided.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .. import compat
+from ..errors import EngineClosedError
+from ..process import free_local_port, resolve_qualified_name
+from .adapters import AdapterPool
+from .config import EngineConfig
+from .frozen_cache import FrozenStateStore
+from .scheduler import plan_chunks
+from .types import EncoderCall, EncoderResult, PassInputs, QueryOnlyLoRA, QueryOnlyTokens, SequenceResult
+
+WeightIterator = Iterable[Tuple[str, torch.Tensor]]
+
+
+class RankEngine:
+    """Lifecycle: ``start(weights)`` -> ``forward(call)``* -> ``close()``."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0, dist_port: Optional[int] = None):
+        self.config = config
+        self.rank = rank
+        self.dist_port = dist_port
+        self.model_runner = None
+        self.model = None
+        self._closed = False
+        self._holds_parallel_runtime = False
+        self.adapters = AdapterPool(self)
+        self.frozen_store = FrozenStateStore()  # this rank's frozen-layer states
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def started(self) -> bool:
+        return self.model_runner is not None and not self._closed
+
+    @property
+    def runner(self):
+        if self._closed or self.model_runner is None:
+            raise EngineClosedError("the SGLang engine of this model is closed")
+        return self.model_runner
+
+    def start(self, weights: WeightIterator) -> "RankEngine":
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.distributed import bootstrap
+        from sglang.srt.model_executor.model_runner import ModelRunner
+        from sglang.srt.models.registry import ModelRegistry
+        from sglang.srt.runtime_context import SpawnRanks, publish
+        from sglang.srt.server_args import ServerArgs
+
+        cfg = self.config
+        compat.prepare_process(cfg.device)
+        compat.check_parallel_runtime_available(cfg.device, cfg.tp_size)  # before publish() touches globals
+        ModelRegistry.models[cfg.architecture] = resolve_qualified_name(cfg.model_class)
+        port = self.dist_port or free_local_port()
+        server_args = ServerArgs(**cfg.server_args_kwargs(port))
+        local_rank = self.rank % cfg.ranks_per_node  # device / core slot on this node
+        publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=self.rank, gpu_id=local_rank))
+        compat.init_process_global_configs()
+        model_config = ModelConfig.from_server_args(server_args)
+        compat.init_parallel_runtime_once(bootstrap, server_args, cfg.device, port, cfg.tp_size)
+        self._holds_parallel_runtime = True
+        bootstrap.init_layer_runtime(model_config=model_config)
+        if cfg.lora is not None:
+            compat.patch_lora_pinning()
+        with compat.no_pinning():
+            mr = ModelRunner(model_config=model_config, mem_fraction_static=0.9, gpu_id=local_rank,
+                             nccl_port=port, server_args=server_args)
+            mr.alloc_memory_pool()
+            mr.init_attention_backends()
+            mr.init_cuda_graphs()
+        self.model_runner = mr
+        self.model = mr.model
+        self.load_weights(weights)
+        self.initial_pool_stats = self.pool_stats()
+        return self
+
+    def load_weights(self, weights: WeightIterator) -> None:
+        """Load HF-named tensors; every engine parameter must be filled."""
+        loaded = self.model.load_weights(weights)
+        missing = sorted(self.model.expected_loaded_names() - set(loaded))
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors for: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.model_runner = self.model = None
+        self.frozen_store.tensors.clear()
+        if self._holds_parallel_runtime:
+            self._holds_parallel_runtime = False
+            compat.release_parallel_runtime()
+
+    def pool_stats(self) -> Dict[str, int]:
+        mr = self.runner
+        return {
+            "free_request_rows": mr.req_to_token_pool.available_size(),
+            "free_kv_slots": mr.token_to_kv_pool_allocator.available_size(),
+        }
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, call: EncoderCall) -> EncoderResult:
+        """This rank's share of a call (the frozen-layer plan, if any, applied to its store)."""
+        if call.frozen is not None:
+            return self.frozen_store.apply(call, self.forward_engine)
+        return self.forward_engine(call)
+
+    @torch.no_grad()
+    def forward_engine(self, call: EncoderCall) -> EncoderResult:
+        mr = self.runner
+        results: List[SequenceResult] = [None] * len(call.sequences)  # type: ignore[list-item]
+        budget = min(self.config.max_num_tokens, mr.token_to_kv_pool_allocator.available_size())
+        rows = min(self.config.max_running_requests, mr.req_to_token_pool.available_size())
+        for chunk in plan_chunks([len(s.input_ids) for s in call.sequences], budget, rows):
+            for idx, res in zip(chunk, self._forward_chunk(mr, call, chunk)):
+                results[idx] = res
+        return EncoderResult(sequences=results)
+
+    def _forward_chunk(self, mr, call: EncoderCall, chunk: List[int]) -> List[SequenceResult]:
+        from .batch import ExtendBatch
+
+        seqs = [call.sequences[i] for i in chunk]
+        device = mr.device
+        lens = [len(s.input_ids) for s in seqs]
+        starts = [0]
+        for n in lens[:-1]:
+            starts.append(starts[-1] + n)
+        pass_inputs = PassInputs(
+            position_ids=_flat([s.position_ids for s in seqs], device),
+            token_type_ids=_flat([s.token_type_ids or [0] * n for s, n in zip(seqs, lens)], device),
+            collect_hidden_states=call.output_hidden_states,
+            query_only=_query_only_tokens(seqs, starts, device, self._query_only_lora),
+            start_layer=call.start_layer,
+            stop_layer=call.stop_layer,
+        )
+        if call.start_layer:
+            pass_inputs.initial_hidden = torch.cat([s.initial_hidden for s in seqs]).to(device)
+            qo = [s.query_only_initial for s in seqs if s.query_only]
+            pass_inputs.query_only_initial = torch.cat(qo).to(device) if qo else None
+        with compat.no_pinning(), ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
+            self.model.pass_inputs = pass_inputs
+            try:
+                out = mr.forward(fb).logits_output
+            finally:
+                self.model.pass_inputs = None
+        hidden = out if isinstance(out, torch.Tensor) else getattr(out, "embeddings", out)
+        return self._split_results(call, seqs, starts, lens, hidden, pass_inputs)
+
+    def _split_results(self, call, seqs, starts, lens, hidden, p: PassInputs) -> List[SequenceResult]:
+        vocab_ids = None
+        if call.vocab_ids is not None:
+            vocab_ids = torch.as_tensor(call.vocab_ids, dtype=torch.long, device=hidden.device)
+        # Gather every position that needs the LM head and run it once for the whole chunk.
+        if call.logits == "all":
+            head_rows = torch.arange(hidden.shape[0], device=hidden.device)
+        elif call.logits == "selected":
+            idx = [st + pos for s, st in zip(seqs, starts) for pos in (s.logit_positions or [])]
+            head_rows = torch.as_tensor(idx, dtype=torch.long, device=hidden.device)
+        else:
+            head_rows = None
+        logits = None
+        if head_rows is not None and head_rows.numel() > 0:
+            logits = self.model.compute_logits(hidden[head_rows], vocab_ids)
+        qo_logits = None
+        if p.query_only_last is not None and call.logits != "none":
+            qo_logits = self.model.compute_logits(p.query_only_last, vocab_ids)
+
+        results, offset, qo_offset = [], 0, 0
+        for s, st, n in zip(seqs, starts, lens):
+            r = SequenceResult()
+            if logits is not None:
+                k = n if call.logits == "all" else len(s.logit_positions or [])
+                r.logits = logits[offset : offset + k]
+                offset += k
+            if call.output_hidden_states:
+                r.hidden_states = [h[st : st + n] for h in p.hidden_states]
+            if call.return_last_hidden:
+                r.last_hidden = hidden[st : st + n]
+            nq = len(s.query_only or [])
+            if nq:
+                if call.return_last_hidden:
+                    r.query_only_last_hidden = p.query_only_last[qo_offset : qo_offset + nq]
+                if qo_logits is not None:
+                    r.query_only_logits = qo_logits[qo_offset : qo_offset + nq]
+                if call.output_hidden_states:
+                    r.query_only_hidden_states = [h[qo_offset : qo_offset + nq] for h in p.query_only_hidden_states]
+                qo_offset += nq
+            results.append(r)
+        return results
+
+    def _query_only_lora(self, lora_ids, device) -> Optional[QueryOnlyLoRA]:
+        if not any(lora_ids):
+            return None
+        by_id: Dict[str, List[int]] = {}
+        for row, lora_id in enumerate(lora_ids):
+            if lora_id is not None:
+                by_id.setdefault(lora_id, []).append(row)
+        groups = []
+        for lora_id, rows in by_id.items():
+            a = self.adapters.adapters[lora_id]
+            groups.append((self.adapters.slot_of(lora_id), a.rank, a.scaling,
+                           torch.tensor(rows, dtype=torch.long, device=device)))
+        return QueryOnlyLoRA(groups=groups)
+
+
+def _flat(lists: List[List[int]], device) -> torch.Tensor:
+    flat = [x for lst in lists for x in lst]
+    return torch.tensor(flat, dtype=torch.long, device=device)
+
+
+def _query_only_tokens(seqs, starts, device, lora_groups) -> Optional[QueryOnlyTokens]:
+    specs = [(i, q) for i, s in enumerate(seqs) for q in (s.query_only or [])]
+    if not specs:
+        return None
+    lmax = max(len(seqs[i].input_ids) for i, _ in specs)
+    key_index = torch.zeros((len(specs), lmax), dtype=torch.long)
+    key_mask = torch.zeros((len(specs), lmax), dtype=torch.bool)
+    for j, (i, _) in enumerate(specs):
+        n = len(seqs[i].input_ids)
+        key_index[j, :n] = torch.arange(starts[i], starts[i] + n)
+        key_mask[j, :n] = True
+    return QueryOnlyTokens(
+        input_ids=torch.tensor([q.input_id for _, q in specs], dtype=torch.long, device=device),
+        position_ids=torch.tensor([q.position_id for _, q in specs], dtype=torch.long, device=device),
+        token_type_ids=torch.tensor([q.token_type_id for _, q in specs], dtype=torch.long, device=device),
+        key_index=key_index.to(device),
+        key_mask=key_mask.to(device),
+        lora=lora_groups([seqs[i].lora_id for i, _ in specs], device),
+    )

@@ -1,0 +1,60 @@
+"""Every exception the library raises on purpose, in one module (all exported by the package).
+
+Each names the problem and, where there is one, what to do instead; the model stays usable after
+any input or adapter error.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "AdapterFileError",
+    "CheckpointError",
+    "EngineClosedError",
+    "InferenceOnlyError",
+    "InputValidationError",
+    "PeftWrappingError",
+    "SequenceTooLongError",
+    "UnsupportedAdapterError",
+    "WorkerError",
+]
+
+
+class CheckpointError(ValueError):
+    """The directory is missing, unreadable, or not a supported masked-LM checkpoint."""
+
+
+class InputValidationError(ValueError):
+    """Inputs the model cannot run (shapes, dtypes, ids, lengths)."""
+
+
+class SequenceTooLongError(InputValidationError):
+    """One sequence needs more tokens than the engine's token budget (``max_num_tokens``)."""
+
+
+class InferenceOnlyError(RuntimeError):
+    """``.backward()`` through an engine-backed model: the engine builds no autograd graph."""
+
+
+class AdapterError(ValueError):
+    """An adapter the engine cannot load (shapes, rank, modules, pool full, LoRA disabled)."""
+
+
+class UnsupportedAdapterError(ValueError):
+    """A PEFT feature or adapter shape the engine cannot run."""
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that is missing or unreadable."""
+
+
+class PeftWrappingError(TypeError):
+    """peft.PeftModel / get_peft_model cannot wrap an engine-backed model."""
+
+
+class EngineClosedError(RuntimeError):
+    """The model's SGLang engine was closed."""
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker process died, hung or failed."""
