@@ -39,26 +39,26 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "sglang_hf_bridge"
 @pytest.mark.parametrize("prefix", ["", "roberta.", "camembert.", "xlm_roberta."])
 def test_checkpoint_to_engine_name_strips_every_base_prefix(prefix):
     expected = ("embeddings.layer_norm.weight", None)
-    assert wm.checkpoint_to_engine_name(f"{prefix}embeddings.LayerNorm.weight") == expected
+    assert wm.ROBERTA.checkpoint_to_engine_name(f"{prefix}embeddings.LayerNorm.weight") == expected
     expected = ("layers.7.mlp.down_proj.bias", None)
-    assert wm.checkpoint_to_engine_name(f"{prefix}encoder.layer.7.output.dense.bias") == expected
-    assert wm.checkpoint_to_engine_name(f"{prefix}encoder.layer.2.attention.output.LayerNorm.weight") == (
+    assert wm.ROBERTA.checkpoint_to_engine_name(f"{prefix}encoder.layer.7.output.dense.bias") == expected
+    assert wm.ROBERTA.checkpoint_to_engine_name(f"{prefix}encoder.layer.2.attention.output.LayerNorm.weight") == (
         "layers.2.attn_norm.weight", None)
 
 
 @pytest.mark.parametrize("hf, shard", [("query", "q"), ("key", "k"), ("value", "v")])
 def test_checkpoint_to_engine_name_qkv_shard_ids(hf, shard):
-    assert wm.checkpoint_to_engine_name(f"roberta.encoder.layer.3.attention.self.{hf}.weight") == (
+    assert wm.ROBERTA.checkpoint_to_engine_name(f"roberta.encoder.layer.3.attention.self.{hf}.weight") == (
         "layers.3.self_attn.qkv_proj.weight", shard)
-    assert wm.checkpoint_to_engine_name(f"encoder.layer.10.attention.self.{hf}.bias") == (
+    assert wm.ROBERTA.checkpoint_to_engine_name(f"encoder.layer.10.attention.self.{hf}.bias") == (
         "layers.10.self_attn.qkv_proj.bias", shard)
 
 
 def test_checkpoint_to_engine_name_lm_head_and_untied_decoder():
-    assert wm.checkpoint_to_engine_name("lm_head.bias") == ("lm_head.bias", None)
-    assert wm.checkpoint_to_engine_name("lm_head.decoder.bias") == ("lm_head.bias", None)
-    assert wm.checkpoint_to_engine_name("lm_head.decoder.weight") == ("lm_head.decoder.weight", None)
-    assert wm.checkpoint_to_engine_name("lm_head.layer_norm.weight") == ("lm_head.layer_norm.weight", None)
+    assert wm.ROBERTA.checkpoint_to_engine_name("lm_head.bias") == ("lm_head.bias", None)
+    assert wm.ROBERTA.checkpoint_to_engine_name("lm_head.decoder.bias") == ("lm_head.bias", None)
+    assert wm.ROBERTA.checkpoint_to_engine_name("lm_head.decoder.weight") == ("lm_head.decoder.weight", None)
+    assert wm.ROBERTA.checkpoint_to_engine_name("lm_head.layer_norm.weight") == ("lm_head.layer_norm.weight", None)
 
 
 @pytest.mark.parametrize("name", [
@@ -66,7 +66,7 @@ def test_checkpoint_to_engine_name_lm_head_and_untied_decoder():
     "roberta.pooler.dense.weight", "pooler.dense.bias", "xlm_roberta.pooler.dense.bias",
 ])
 def test_checkpoint_to_engine_name_ignored_names_return_none(name):
-    assert wm.checkpoint_to_engine_name(name) is None
+    assert wm.ROBERTA.checkpoint_to_engine_name(name) is None
 
 
 @pytest.mark.parametrize("name", [
@@ -75,28 +75,28 @@ def test_checkpoint_to_engine_name_ignored_names_return_none(name):
 ])
 def test_checkpoint_to_engine_name_unknown_names_raise(name):
     with pytest.raises(KeyError):
-        wm.checkpoint_to_engine_name(name)
+        wm.ROBERTA.checkpoint_to_engine_name(name)
 
 
 @pytest.mark.parametrize("layer", [0, 11])
 def test_engine_to_checkpoint_names_inverts_every_table_row(layer):
-    assert len(wm.CHECKPOINT_TO_ENGINE) >= 20
-    for ckpt, engine, shard in wm.CHECKPOINT_TO_ENGINE:
+    assert len(wm.ROBERTA.rows) >= 20
+    for ckpt, engine, shard in wm.ROBERTA.rows:
         ckpt_name, engine_name = ckpt.format(i=layer), engine.format(i=layer)
-        assert wm.checkpoint_to_engine_name(ckpt_name) == (engine_name, shard)
-        assert wm.checkpoint_to_engine_name(wm.to_hf_name(ckpt_name)) == (engine_name, shard)
-        assert (ckpt_name, shard) in wm.engine_to_checkpoint_names(engine_name)
+        assert wm.ROBERTA.checkpoint_to_engine_name(ckpt_name) == (engine_name, shard)
+        assert wm.ROBERTA.checkpoint_to_engine_name(wm.ROBERTA.to_hf_name(ckpt_name)) == (engine_name, shard)
+        assert (ckpt_name, shard) in wm.ROBERTA.engine_to_checkpoint_names(engine_name)
 
 
 def test_engine_to_checkpoint_names_fused_and_shared_targets():
-    assert wm.engine_to_checkpoint_names("layers.5.self_attn.qkv_proj.weight") == (
+    assert wm.ROBERTA.engine_to_checkpoint_names("layers.5.self_attn.qkv_proj.weight") == (
         ("encoder.layer.5.attention.self.query.weight", "q"),
         ("encoder.layer.5.attention.self.key.weight", "k"),
         ("encoder.layer.5.attention.self.value.weight", "v"),
     )
     expected = {("lm_head.bias", None), ("lm_head.decoder.bias", None)}
-    assert set(wm.engine_to_checkpoint_names("lm_head.bias")) == expected
-    assert wm.engine_to_checkpoint_names("layers.5.no_such.weight") == ()
+    assert set(wm.ROBERTA.engine_to_checkpoint_names("lm_head.bias")) == expected
+    assert wm.ROBERTA.engine_to_checkpoint_names("layers.5.no_such.weight") == ()
 
 
 @pytest.mark.parametrize("suffix, rule", list(wm.SHARD_RULES))
@@ -119,9 +119,9 @@ def test_lora_row_parallel_modules():
 
 
 def test_to_hf_name():
-    assert wm.to_hf_name("embeddings.LayerNorm.weight") == "roberta.embeddings.LayerNorm.weight"
-    assert wm.to_hf_name("encoder.layer.1.output.dense.bias") == "roberta.encoder.layer.1.output.dense.bias"
-    assert wm.to_hf_name("lm_head.dense.weight") == "lm_head.dense.weight"
+    assert wm.ROBERTA.to_hf_name("embeddings.LayerNorm.weight") == "roberta.embeddings.LayerNorm.weight"
+    assert wm.ROBERTA.to_hf_name("encoder.layer.1.output.dense.bias") == "roberta.encoder.layer.1.output.dense.bias"
+    assert wm.ROBERTA.to_hf_name("lm_head.dense.weight") == "lm_head.dense.weight"
 
 
 def test_module_dims():

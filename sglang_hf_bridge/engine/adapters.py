@@ -15,7 +15,14 @@ import torch
 
 from .. import compat
 from ..errors import AdapterError
-from ..sglang_models.weight_map import module_dims
+from ..sglang_models.weight_map import (
+    LORA_FFN_PADDED,
+    LORA_ROW_PARALLEL,
+    module_dims,
+    pad_dim,
+    real_extent,
+    real_intermediate_size,
+)
 
 # engine module -> (pool buffer name, slice index within the stacked buffer)
 MODULE_SLICES = {
@@ -43,7 +50,10 @@ class EngineAdapter:
     rank: int
     scaling: float
     keys: FrozenSet[AdapterKey]
+    # This rank's views of the real (unpadded) part of each A / B, and where each sits in the
+    # full matrix: ``(key, "A"|"B") -> (split dim or None if replicated, offset, full size)``.
     views: Dict[AdapterKey, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    placement: Dict[Tuple[AdapterKey, str], Tuple[Optional[int], int, int]] = field(default_factory=dict)
 
     @property
     def layers(self) -> FrozenSet[int]:
@@ -75,13 +85,17 @@ def with_full_qkv(config, weights: AdapterWeights, rank: int) -> Dict[AdapterKey
     return out
 
 
-def sglang_adapter_tensors(weights: AdapterWeights) -> Dict[str, torch.Tensor]:
-    """The names SGLang's LoRA loader expects for our model's modules."""
+def sglang_adapter_tensors(weights: AdapterWeights, padded_ffn: int) -> Dict[str, torch.Tensor]:
+    """The names SGLang's LoRA loader expects for our model's modules, FFN matrices zero-padded
+    to the intermediate size the engine was built with."""
     tensors = {}
     for (layer, module), (a, b) in weights.items():
         prefix = f"base_model.model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = a.detach().to(torch.float32).contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = b.detach().to(torch.float32).contiguous()
+        for which, matrix in (("A", a), ("B", b)):
+            dim = LORA_FFN_PADDED.get((module, which))
+            if dim is not None:
+                matrix = pad_dim(matrix, dim, padded_ffn)
+            tensors[f"{prefix}.lora_{which}.weight"] = matrix.detach().to(torch.float32).contiguous()
     return tensors
 
 
@@ -120,7 +134,8 @@ class AdapterPool:
         config_dict = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank,
                        "target_modules": sorted({m for _, m in full})}
         with compat.no_pinning():
-            result = self.engine.runner.load_lora_adapter_from_tensors(ref, sglang_adapter_tensors(full), config_dict)
+            tensors = sglang_adapter_tensors(full, config.intermediate_size)
+            result = self.engine.runner.load_lora_adapter_from_tensors(ref, tensors, config_dict)
         if not getattr(result, "success", True):
             raise AdapterError(f"SGLang refused adapter {name!r}: {result.error_message}")
         adapter = EngineAdapter(ref.lora_id, name, rank, scaling, frozenset(full))
@@ -141,14 +156,30 @@ class AdapterPool:
         A_buffer, B_buffer = compat.lora_pool_buffers(self._manager)
         slot = self.slot_of(adapter.lora_id)
         r = adapter.rank
-        for (layer, module) in adapter.keys:
-            buffer, index = MODULE_SLICES[module]
-            a_buf, b_buf = A_buffer[buffer][layer], B_buffer[buffer][layer]
+        for key in adapter.keys:
+            buffer, index = MODULE_SLICES[key[1]]
+            a_buf, b_buf = A_buffer[buffer][key[0]], B_buffer[buffer][key[0]]
             out = b_buf.shape[1] // (3 if buffer == "qkv_proj" else 1)
-            adapter.views[(layer, module)] = (
-                a_buf[slot, index * r : (index + 1) * r, :],
-                b_buf[slot, index * out : (index + 1) * out, :r],
-            )
+            a = a_buf[slot, index * r : (index + 1) * r, :]
+            b = b_buf[slot, index * out : (index + 1) * out, :r]
+            adapter.views[key] = self._place(adapter, key, a, b)
+
+    def _place(self, adapter: EngineAdapter, key: AdapterKey, a: torch.Tensor, b: torch.Tensor):
+        """Trim this rank's A/B to their real part and record where they sit in the full matrix:
+        row-parallel targets split A's columns, the others B's rows; the other one is replicated."""
+        rank, tp = self.engine.rank, self.engine.config.tp_size
+        split_dim, split = (1, "A") if key[1] in LORA_ROW_PARALLEL else (0, "B")
+        matrix = a if split == "A" else b
+        per_rank = matrix.shape[split_dim]
+        total = per_rank * tp
+        if (key[1], split) in LORA_FFN_PADDED:
+            total = real_intermediate_size(self.engine.model.config)
+        n = real_extent(per_rank, rank, total)
+        matrix = matrix.narrow(split_dim, 0, n)
+        other = "B" if split == "A" else "A"
+        adapter.placement[(key, split)] = (split_dim, rank * per_rank, total)
+        adapter.placement[(key, other)] = (None, 0, 0)
+        return (matrix, b) if split == "A" else (a, matrix)
 
     def slot_of(self, lora_id: Optional[str]) -> Optional[int]:
         if lora_id is None:

@@ -35,7 +35,7 @@ def base_layer_of(hf_name: str) -> int:
     m = _LAYER.search(hf_name)
     if m:
         return int(m.group(1))
-    if hf_name.startswith("lm_head."):
+    if hf_name.startswith(("lm_head.", "cls.")):  # RoBERTa's / BERT's masked-LM head
         return HEAD
     return EMBEDDINGS  # embeddings (the tied decoder is the word-embedding matrix)
 

@@ -14,11 +14,16 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..sglang_models.weight_map import LORA_ROW_PARALLEL, QKV_SHARDS, engine_to_checkpoint_names, shard_rule, to_hf_name
+from ..sglang_models.weight_map import (
+    QKV_SHARDS,
+    ffn_padded_dim,
+    real_extent,
+    real_intermediate_size,
+    shard_rule,
+    weight_map_for,
+)
 from .directions import NamedSlice, add_scaled_directions, zo_update
 from .versions import writes
-
-TIED_DUPLICATES = ("lm_head.decoder.bias",)  # the engine's lm_head.bias stands for it
 
 
 def _tp() -> Tuple[int, int]:
@@ -44,24 +49,32 @@ def _rank_slice(model, engine_name: str, data: torch.Tensor, shard, rank: int, t
     if rule == "vocab":
         start, end = _vocab_range(model, engine_name)
         return data[: end - start], (slice(start, end),), (model.config.vocab_size,) + tuple(data.shape[1:])
-    if rule == "dim0":
-        rows = data.shape[0]
-        return data, (slice(rank * rows, (rank + 1) * rows),), (rows * tp,) + tuple(data.shape[1:])
-    if rule == "dim1":
-        cols = data.shape[1]
-        return data, (slice(None), slice(rank * cols, (rank + 1) * cols)), (data.shape[0], cols * tp)
+    if rule in ("dim0", "dim1"):
+        dim = 0 if rule == "dim0" else 1
+        per_rank = data.shape[dim]
+        total = per_rank * tp
+        if ffn_padded_dim(engine_name) == dim:  # only the real (unpadded) part is a weight
+            total = real_intermediate_size(model.config)
+        n = real_extent(per_rank, rank, total)
+        view = data.narrow(dim, 0, n)
+        index = (slice(None),) * dim + (slice(rank * per_rank, rank * per_rank + n),)
+        shape = list(data.shape)
+        shape[dim] = total
+        return view, index, tuple(shape)
     return data, tuple(slice(None) for _ in data.shape), tuple(data.shape)
 
 
 def hf_parameter_slices(model) -> Dict[str, NamedSlice]:
     """HF name -> slice of this rank's engine parameter (views: in-place changes are live)."""
     rank, tp = _tp()
+    names = weight_map_for(model.config)
+    duplicates = names.saved_duplicates(tied=True)  # stand for another engine tensor either way
     out: Dict[str, NamedSlice] = {}
     for engine_name, param in model.named_parameters():
-        for ckpt_name, shard in engine_to_checkpoint_names(engine_name):
-            if ckpt_name in TIED_DUPLICATES:
+        for ckpt_name, shard in names.engine_to_checkpoint_names(engine_name):
+            if ckpt_name in duplicates:
                 continue
-            full = to_hf_name(ckpt_name)
+            full = names.to_hf_name(ckpt_name)
             view, index, shape = _rank_slice(model, engine_name, param.data, shard, rank, tp)
             out[full] = NamedSlice(full, shape, view, index)
     return out
@@ -69,23 +82,21 @@ def hf_parameter_slices(model) -> Dict[str, NamedSlice]:
 
 def adapter_slices(engine, lora_id: str, peft_names: Dict[Tuple[int, str, str], str]) -> Dict[str, NamedSlice]:
     """PEFT name -> slice of this rank's LoRA pool slot for one adapter."""
-    rank, tp = _tp()
     adapter = engine.adapters.adapters[lora_id]
     out = {}
-    for (layer, module), (a, b) in adapter.views.items():
+    for key, (a, b) in adapter.views.items():
+        layer, module = key
         if (layer, module, "A") not in peft_names:
             continue  # a zero slice SGLang needs in its fused qkv, not part of the PEFT adapter
-        row_parallel = module in LORA_ROW_PARALLEL
         for which, view in (("A", a), ("B", b)):
             name = peft_names[(layer, module, which)]
-            if which == "A" and row_parallel:
-                cols = view.shape[1]
-                index, shape = (slice(None), slice(rank * cols, (rank + 1) * cols)), (view.shape[0], cols * tp)
-            elif which == "B" and not row_parallel:
-                rows = view.shape[0]
-                index, shape = (slice(rank * rows, (rank + 1) * rows), slice(None)), (rows * tp, view.shape[1])
-            else:
+            dim, offset, total = adapter.placement[(key, which)]
+            if dim is None:
                 index, shape = (slice(None), slice(None)), tuple(view.shape)
+            else:
+                n = view.shape[dim]
+                index = (slice(None),) * dim + (slice(offset, offset + n),)
+                shape = tuple(total if d == dim else view.shape[d] for d in range(2))
             out[name] = NamedSlice(name, shape, view, index)
     return out
 

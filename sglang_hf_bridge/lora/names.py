@@ -1,32 +1,44 @@
-"""The table between PEFT's names for RoBERTa modules and the engine's LoRA targets."""
+"""The table between PEFT's names for encoder modules and the engine's LoRA targets.
+
+PEFT names a module by its path in the HF model: ``roberta.encoder.layer.N.attention.self.query``
+for RoBERTa-family models, ``bert.encoder.layer.N...`` for BERT (the family's ``hf_prefix`` in
+the weight map); the module names under ``encoder.layer.N.`` are the same for both.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import List, Optional, Tuple
 
-from ..sglang_models.weight_map import BASE_MODEL_PREFIXES, HF_BASE_PREFIX, LORA_MODULES
+from ..sglang_models.weight_map import BASE_MODEL_PREFIXES, LORA_MODULES, ROBERTA, weight_map_for
 
-# HF module (relative to ``roberta.encoder.layer.N.``) -> engine module
+# HF module (relative to ``<prefix>.encoder.layer.N.``) -> engine module
 ADAPTABLE_MODULES = {hf: engine for engine, hf in LORA_MODULES.items()}
 ENGINE_TO_HF = dict(LORA_MODULES)
-BASE_PREFIX = HF_BASE_PREFIX
+_PREFIXES = "|".join(re.escape(p[:-1]) for p in BASE_MODEL_PREFIXES)
 
 _PEFT_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:(?:" + "|".join(re.escape(p[:-1]) for p in BASE_MODEL_PREFIXES) + r")\.)?"
+    rf"^(?:base_model\.model\.)?(?:(?:{_PREFIXES})\.)?"
     r"encoder\.layer\.(\d+)\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$"
 )
-_HF_MODULE = re.compile(rf"^{BASE_PREFIX}\.encoder\.layer\.(\d+)\.(.+)$")
+_HF_MODULE = re.compile(rf"^(?:{_PREFIXES})\.encoder\.layer\.(\d+)\.(.+)$")
+
+
+def hf_prefix(config) -> str:
+    """The base-model prefix transformers' class for ``config`` uses (``roberta`` / ``bert``)."""
+    return weight_map_for(config).hf_prefix
 
 
 def hf_module_names(config) -> List[str]:
-    """Every module of an HF RoBERTa masked LM a PEFT config could name as a LoRA target."""
-    names = []
+    """Every module of the HF masked LM a PEFT config could name as a LoRA target."""
+    names = weight_map_for(config)
+    p = names.hf_prefix
+    out = []
     for i in range(config.num_hidden_layers):
-        names += [f"{BASE_PREFIX}.encoder.layer.{i}.{m}" for m in ADAPTABLE_MODULES]
-    names += [f"{BASE_PREFIX}.embeddings.word_embeddings", f"{BASE_PREFIX}.embeddings.position_embeddings",
-              f"{BASE_PREFIX}.embeddings.token_type_embeddings", "lm_head.dense", "lm_head.decoder"]
-    return names
+        out += [f"{p}.encoder.layer.{i}.{m}" for m in ADAPTABLE_MODULES]
+    out += [f"{p}.embeddings.word_embeddings", f"{p}.embeddings.position_embeddings",
+            f"{p}.embeddings.token_type_embeddings", names.head_dense_module, names.head_decoder]
+    return out
 
 
 def hf_module_to_engine(name: str) -> Optional[Tuple[int, str]]:
@@ -45,6 +57,7 @@ def peft_key_to_engine(key: str) -> Tuple[int, str, str]:
     return int(m.group(1)), ADAPTABLE_MODULES[m.group(2)], m.group(3)
 
 
-def engine_key_to_peft(layer: int, module: str, which: str) -> str:
-    """The key PEFT's ``save_pretrained`` writes (adapter name removed)."""
-    return f"base_model.model.{BASE_PREFIX}.encoder.layer.{layer}.{ENGINE_TO_HF[module]}.lora_{which}.weight"
+def engine_key_to_peft(layer: int, module: str, which: str, prefix: str = ROBERTA.hf_prefix) -> str:
+    """The key PEFT's ``save_pretrained`` writes (adapter name removed) for a model whose base
+    prefix is ``prefix`` (see :func:`hf_prefix`)."""
+    return f"base_model.model.{prefix}.encoder.layer.{layer}.{ENGINE_TO_HF[module]}.lora_{which}.weight"

@@ -18,7 +18,7 @@ from ..errors import AdapterError, PeftWrappingError, UnsupportedAdapterError
 from ..lora.config import AdapterSpec, resolve_adapter_spec
 from ..lora.files import read_adapter_dir, write_adapter_dir
 from ..lora.init import init_adapter_weights
-from ..lora.names import engine_key_to_peft, peft_key_to_engine
+from ..lora.names import engine_key_to_peft, hf_prefix, peft_key_to_engine
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -164,21 +164,23 @@ class SGLangAdapterMixin:
                 "holds a shard. Use adapter_state_dict() for full copies."
             )
         engine = self.runtime.adapter(adapter.lora_id)
+        prefix = hf_prefix(self.config)
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             a, b = engine.views[(layer, module)]
-            out[engine_key_to_peft(layer, module, "A")] = a
-            out[engine_key_to_peft(layer, module, "B")] = b
+            out[engine_key_to_peft(layer, module, "A", prefix)] = a
+            out[engine_key_to_peft(layer, module, "B", prefix)] = b
         return out
 
     def adapter_state_dict(self, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """Full PEFT-named copies of an adapter's matrices (gathered across TP ranks)."""
         adapter = self._get_adapter(adapter_name)
         matrices = self.runtime.adapter_matrices(adapter.lora_id)
+        prefix = hf_prefix(self.config)
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             for i, which in enumerate("AB"):
-                out[engine_key_to_peft(layer, module, which)] = matrices[(layer, module)][i]
+                out[engine_key_to_peft(layer, module, which, prefix)] = matrices[(layer, module)][i]
         return out
 
     def save_adapter(self, save_directory, adapter_name: Optional[str] = None) -> None:

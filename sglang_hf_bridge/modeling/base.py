@@ -7,13 +7,14 @@ engine's named interface (``EncoderCall`` / ``EncoderResult``) and shapes them l
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .. import log_control
 from ..checkpoint import (
@@ -21,13 +22,26 @@ from ..checkpoint import (
     checkpoint_tensor_names,
     iter_checkpoint_tensors,
     locate_checkpoint,
+    read_config,
+    read_mask_token_id,
     require_masked_lm_head,
     validate_masked_lm_config,
 )
 from ..engine import EncoderRuntime, EngineConfig, LoRAEngineConfig
-from ..errors import CheckpointError, InferenceOnlyError
+from ..errors import InferenceOnlyError, UnsupportedLoadOptionError
 from .adapters import SGLangAdapterMixin
 from .caching import EngineCacheMixin
+from .hf_surface import (
+    LOADING_INFO_KEYS,
+    HFSurfaceMixin,
+    device_from_device_map,
+    effective_config,
+    engine_options,
+    merge_option,
+    transformers_options,
+)
+
+logger = logging.getLogger(__name__)
 
 _LIVE_MODELS: "weakref.WeakSet[SGLangPreTrainedModel]" = weakref.WeakSet()
 
@@ -60,7 +74,7 @@ def _resolve_dtype(dtype, config) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -79,13 +93,21 @@ def _resolve_device(device) -> torch.device:
 
 def _read_config(files: CheckpointFiles):
     """The checkpoint's config (never running code from it), validated as a masked LM with a head."""
-    try:
-        config = AutoConfig.from_pretrained(files.directory, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raise with the path named
-        raise CheckpointError(f"cannot read config.json in {files.directory!r}: {e}") from e
+    config = read_config(files.directory)
     validate_masked_lm_config(config)
     require_masked_lm_head(checkpoint_tensor_names(files), files.directory)
     return config
+
+
+def _default_mask_token_id(config, directory: str) -> Tuple[int, str]:
+    """``config.mask_token_id`` > the checkpoint's tokenizer files > ``vocab_size - 1``."""
+    configured = getattr(config, "mask_token_id", None)
+    if configured is not None:
+        return int(configured), "config.mask_token_id"
+    found = read_mask_token_id(directory, config.vocab_size)
+    if found is not None:
+        return found
+    return config.vocab_size - 1, "vocab_size - 1 (no mask token in the checkpoint's tokenizer files)"
 
 
 def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles) -> EncoderRuntime:
@@ -101,12 +123,20 @@ def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles) -> Encod
     return runtime
 
 
-def check_tensor_parallel_size(config, tp_size: int) -> None:
-    """Refuse a ``tp_size`` the sharded layers cannot split, before any process starts."""
+def _join_subfolder(path, subfolder: Optional[str]):
+    if not subfolder or not isinstance(path, (str, os.PathLike)):
+        return path  # locate_checkpoint names a bad path
+    return os.path.join(os.fspath(path), subfolder)
+
+
+def check_tensor_parallel_size(config, tp_size: int, device: str = "cpu") -> None:
+    """Refuse a ``tp_size`` the sharded layers cannot split, before any process starts. Heads are
+    never padded for us (that would change the attention); on CPU SGLang zero-pads the FFN to a
+    multiple of 32 * tp_size (see the weight map), on CUDA it does not."""
     problems = []
     if config.num_attention_heads % tp_size:
         problems.append(f"num_attention_heads={config.num_attention_heads}")
-    if config.intermediate_size % tp_size:
+    if device != "cpu" and config.intermediate_size % tp_size:
         problems.append(f"intermediate_size={config.intermediate_size}")
     # SGLang pads the vocabulary to a multiple of 64 and gives each rank an equal slice.
     padded_vocab = -(-config.vocab_size // 64) * 64
@@ -116,7 +146,7 @@ def check_tensor_parallel_size(config, tp_size: int) -> None:
         raise ValueError(f"tp_size={tp_size} does not divide {', '.join(problems)}")
 
 
-class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedModel):
+class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin, PreTrainedModel):
     """PreTrainedModel whose weights live in an SGLang ModelRunner, not in torch parameters."""
 
     base_model_prefix = "roberta"
@@ -133,6 +163,9 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
         self._engine_dtype = torch.float32
         # A zero-size parameter lets .backward() reach _InferenceOnlyGrad with a clear message.
         self._inference_only_guard = nn.Parameter(torch.zeros(0))
+        # The id compute_mlm_logits looks for when positions=None (from_pretrained reads the
+        # checkpoint's tokenizer files); assign to change it.
+        self.mask_token_id, self._mask_token_source = _default_mask_token_id(config, "")
         _LIVE_MODELS.add(self)
 
     # ------------------------------------------------------------------ loading
@@ -140,7 +173,7 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: Union[str, "os.PathLike"],
-        *,
+        *model_args,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
         tp_size: int = 1,
@@ -149,7 +182,7 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
         max_lora_rank: int = 16,
         max_loras: int = 8,
         result_cache_mb: float = 0.0,
-        **engine_options: Any,
+        **kwargs: Any,
     ):
         """Load a local HF masked-LM checkpoint onto a new SGLang engine.
 
@@ -157,28 +190,54 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
         engine pass carries); larger calls are split. ``enable_lora`` starts SGLang's LoRA
         machinery with room for ``max_loras`` resident adapters of rank <= ``max_lora_rank``.
         ``result_cache_mb`` > 0 turns the whole-sequence result cache on (see
-        ``enable_result_cache``). ``engine_options`` go to SGLang's ``ServerArgs`` unchanged.
-        The first call in a process imports SGLang (a few seconds).
+        ``enable_result_cache``). The first call in a process imports SGLang (a few seconds).
+
+        Other keywords, as transformers takes them (table: ``TRANSFORMERS_LOAD_KEYWORDS``):
+        honoured -- ``torch_dtype`` (= ``dtype``), ``device_map`` naming one device, ``config=``
+        (its sizes must match the checkpoint's), ``subfolder``, ``use_safetensors``,
+        ``output_loading_info`` (returns ``(model, info)``), and config attributes
+        (``output_hidden_states=True`` ...); ignored (logged at DEBUG) -- hub/download and torch
+        placement options, ``ignore_mismatched_sizes`` (sizes always come from the checkpoint, so
+        nothing can mismatch); refused with :class:`UnsupportedLoadOptionError` -- ``from_tf``,
+        ``from_flax``, ``trust_remote_code=True`` (no checkpoint code ever runs),
+        ``quantization_config``, ``state_dict``, a multi-device ``device_map``... Anything else
+        must be an SGLang ``ServerArgs`` field (passed through unchanged), else ``TypeError``.
         """
+        if model_args:
+            raise TypeError(f"from_pretrained() takes no extra positional arguments, got {len(model_args)}")
         if not isinstance(result_cache_mb, (int, float)) or result_cache_mb < 0:
             raise ValueError(f"result_cache_mb must be a number >= 0, got {result_cache_mb!r}")
-        files = locate_checkpoint(pretrained_model_name_or_path)
-        config = _read_config(files)
+        options = transformers_options(kwargs)
+        device = merge_option("device", device, device_from_device_map(options.get("device_map")), "device_map")
+        dtype = merge_option("dtype", dtype, options.get("torch_dtype"), "torch_dtype")
+        files = locate_checkpoint(_join_subfolder(pretrained_model_name_or_path, options.get("subfolder")),
+                                  use_safetensors=options.get("use_safetensors"))
+        config = effective_config(_read_config(files), options.get("config"), kwargs)
+        sglang_options = engine_options(kwargs)
         torch_dtype, torch_device = _resolve_dtype(dtype, config), _resolve_device(device)
+        if torch_device.type == "cuda" and (torch_device.index or 0) != 0:
+            raise ValueError(f"device={torch_device}: the engine runs on the first visible GPU; choose it with "
+                             "CUDA_VISIBLE_DEVICES and pass device='cuda'")
+        if tp_size != 1 and locate_checkpoint(files.directory).format != files.format:
+            raise UnsupportedLoadOptionError("use_safetensors=False with tp_size > 1: the worker ranks read the "
+                                             "checkpoint's safetensors; remove them or the .bin files")
         engine_config = cls._engine_config(
             files, config, torch_device, torch_dtype, tp_size, max_num_tokens,
             LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
-            dict(engine_options),
+            sglang_options,
         )
         runtime = _start_runtime(engine_config, files)
         model = cls(config, runtime=runtime)
         model._engine_device = torch_device
         model._engine_dtype = torch_dtype
+        model.mask_token_id, model._mask_token_source = _default_mask_token_id(config, files.directory)
         model.name_or_path = files.directory
         model.config.name_or_path = files.directory
         model.eval()
         if result_cache_mb:
             model.enable_result_cache(result_cache_mb)
+        if options.get("output_loading_info"):
+            return model, {key: [] for key in LOADING_INFO_KEYS}
         return model
 
     @classmethod
@@ -187,7 +246,7 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
         """Validate the engine-shaping arguments (before any process starts) into an EngineConfig."""
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
-        check_tensor_parallel_size(config, tp_size)
+        check_tensor_parallel_size(config, tp_size, device.type)
         nnodes = int(engine_options.pop("nnodes", 1))
         node_rank = int(engine_options.pop("node_rank", 0))
         if node_rank != 0:
@@ -256,21 +315,8 @@ class SGLangPreTrainedModel(SGLangAdapterMixin, EngineCacheMixin, PreTrainedMode
     def dtype(self) -> torch.dtype:
         return self._engine_dtype
 
-    def to(self, *args, **kwargs):
-        """Moving an engine-backed model is a no-op; pick ``device``/``dtype`` at load time."""
-        return self
-
-    def cuda(self, *args, **kwargs):
-        return self
-
-    def cpu(self):
-        return self
-
     def _init_weights(self, module):
         pass
-
-    def get_input_embeddings(self):
-        raise NotImplementedError("the embeddings live inside the SGLang engine")
 
     def _guard(self, tensor: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

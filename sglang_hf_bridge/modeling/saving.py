@@ -8,26 +8,31 @@ from typing import Dict
 import torch
 
 from ..checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
-from ..sglang_models.weight_map import QKV_SHARDS, engine_to_checkpoint_names, shard_rule, to_hf_name
+from ..sglang_models.weight_map import QKV_SHARDS, ffn_padded_dim, shard_rule, weight_map_for
 
 
 def engine_state_dict(params: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
-    """HF-named tensors (``roberta.`` prefix, q/k/v unfused) copied from full engine weights."""
+    """HF-named tensors (the family's base prefix, q/k/v unfused, SGLang's padding of the
+    vocabulary and the FFN removed) copied from full engine weights."""
     state: Dict[str, torch.Tensor] = {}
     H = config.hidden_size
-    tied = getattr(config, "tie_word_embeddings", True)
+    names = weight_map_for(config)
+    duplicates = names.saved_duplicates(getattr(config, "tie_word_embeddings", True))
     for engine_name, param in params.items():
         tensor = param.detach().to("cpu")
         if shard_rule(engine_name) == "vocab":
-            tensor = tensor[: config.vocab_size]  # drop SGLang's vocabulary padding
-        for ckpt_name, shard in engine_to_checkpoint_names(engine_name):
-            if ckpt_name == "lm_head.decoder.bias" and tied:
-                continue  # tied to lm_head.bias; HF does not store it
+            tensor = tensor[: config.vocab_size]
+        ffn_dim = ffn_padded_dim(engine_name)
+        if ffn_dim is not None:
+            tensor = tensor.narrow(ffn_dim, 0, config.intermediate_size)  # the HF config's (real) size
+        for ckpt_name, shard in names.engine_to_checkpoint_names(engine_name):
+            if ckpt_name in duplicates:
+                continue  # tied to another saved tensor; HF does not store it
             value = tensor
             if shard is not None:
                 offset = QKV_SHARDS.index(shard) * H
                 value = tensor[offset : offset + H]
-            state[to_hf_name(ckpt_name)] = value.clone()
+            state[names.to_hf_name(ckpt_name)] = value.clone()
     return state
 
 

@@ -1,4 +1,5 @@
-"""SGLang-side RoBERTa masked-LM model (RoBERTa, XLM-RoBERTa, CamemBERT share it).
+"""SGLang-side RoBERTa masked-LM model (RoBERTa, XLM-RoBERTa, CamemBERT and BERT share it: the
+same post-LayerNorm encoder and head; each family has its own weight map).
 
 SGLang 0.5.23 ships no masked-LM head, and its stock BERT/RoBERTa modules are named
 ``encoder.layer.N.attention.self.query``, which its LoRA machinery cannot target. This file
@@ -30,7 +31,7 @@ from torch import nn
 
 from .. import compat
 from .lm_head import MaskedLMHead
-from .weight_map import checkpoint_to_engine_name, engine_to_checkpoint_names
+from .weight_map import ffn_padded_dim, pad_dim, weight_map_for
 
 
 class RobertaEmbeddings(nn.Module):
@@ -237,21 +238,25 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
 
     # --- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
-        """Load HF-named tensors through :data:`CHECKPOINT_TO_ENGINE`. Returns loaded engine names."""
+        """Load checkpoint tensors through the family's weight map (:mod:`.weight_map`),
+        zero-padding the FFN to the size SGLang built it with. Returns loaded engine names."""
         params = dict(self.named_parameters())
-        tied = getattr(self.config, "tie_word_embeddings", True)
-        # Tied: the decoder copies are redundant. Untied: HF uses decoder.bias, not lm_head.bias.
-        skip = {"lm_head.decoder.weight", "lm_head.decoder.bias"} if tied else {"lm_head.bias"}
+        names = weight_map_for(self.config)
+        skip = set(names.skipped_when_loading(getattr(self.config, "tie_word_embeddings", True)))
+        padded_ffn = self.config.intermediate_size
         loaded = set()
         for name, tensor in weights:
             if name in skip:
                 continue
-            mapped = checkpoint_to_engine_name(name)
+            mapped = names.checkpoint_to_engine_name(name)
             if mapped is None:
                 continue
             engine_name, shard = mapped
             if engine_name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} maps to unknown engine parameter {engine_name!r}")
+            ffn_dim = ffn_padded_dim(engine_name)
+            if ffn_dim is not None:
+                tensor = pad_dim(tensor, ffn_dim, padded_ffn)
             param = params[engine_name]
             loader = getattr(param, "weight_loader", default_weight_loader)
             if shard is None:
@@ -264,7 +269,7 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
     def expected_loaded_names(self):
         names = set()
         for engine_name, _ in self.named_parameters():
-            for _, shard in engine_to_checkpoint_names(engine_name):
+            for _, shard in weight_map_for(self.config).engine_to_checkpoint_names(engine_name):
                 names.add(engine_name if shard is None else f"{engine_name}:{shard}")
         return names
 

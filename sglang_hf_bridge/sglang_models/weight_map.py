@@ -1,6 +1,8 @@
-"""The RoBERTa-family weight map: checkpoint names <-> engine parameters, and how each engine
-parameter is split over tensor-parallel ranks. Pure tables (no SGLang import), the one source
-for the loader, the saver, MeZO's HF-named views, TP gathers and the LoRA side.
+"""Weight maps: checkpoint names <-> engine parameters for each checkpoint family (RoBERTa /
+XLM-R / CamemBERT and BERT share the engine model, each with its own names), how each engine
+parameter is split over tensor-parallel ranks, and which dimensions SGLang pads. Pure tables (no
+SGLang import), the one source for the loader, the saver, MeZO's HF-named views, TP gathers and
+the LoRA side.
 
 Engine parameters are those of :mod:`sglang_hf_bridge.sglang_models.roberta_mlm`:
 ``layers.N.self_attn.qkv_proj`` (fused q/k/v), ``o_proj``, ``mlp.fc_in``, ``mlp.down_proj``...
@@ -10,16 +12,18 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-# The prefix transformers' RobertaForMaskedLM puts before encoder names (what we save and
-# what PEFT adapters name); checkpoints of the same architecture may carry any of these.
-HF_BASE_PREFIX = "roberta"
-BASE_MODEL_PREFIXES = ("roberta.", "camembert.", "xlm_roberta.")
+Row = Tuple[str, str, Optional[str]]
 
-# HF checkpoint name (without the base prefix) -> engine name, q/k/v shard id of the fused qkv.
-# ``{i}`` is the layer index.
-CHECKPOINT_TO_ENGINE: List[Tuple[str, str, Optional[str]]] = [
+def _pattern(template: str) -> "re.Pattern[str]":
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+# Encoder rows shared by every family: checkpoint name (without the base prefix) -> engine name,
+# plus the q/k/v shard id of the fused qkv. ``{i}`` is the layer index.
+ENCODER_ROWS: List[Row] = [
     ("embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight", None),
     ("embeddings.position_embeddings.weight", "embeddings.position_embeddings.weight", None),
     ("embeddings.token_type_embeddings.weight", "embeddings.token_type_embeddings.weight", None),
@@ -41,19 +45,96 @@ CHECKPOINT_TO_ENGINE: List[Tuple[str, str, Optional[str]]] = [
     ("encoder.layer.{i}.output.dense.bias", "layers.{i}.mlp.down_proj.bias", None),
     ("encoder.layer.{i}.output.LayerNorm.weight", "layers.{i}.ffn_norm.weight", None),
     ("encoder.layer.{i}.output.LayerNorm.bias", "layers.{i}.ffn_norm.bias", None),
-    ("lm_head.dense.weight", "lm_head.dense.weight", None),
-    ("lm_head.dense.bias", "lm_head.dense.bias", None),
-    ("lm_head.layer_norm.weight", "lm_head.layer_norm.weight", None),
-    ("lm_head.layer_norm.bias", "lm_head.layer_norm.bias", None),
-    ("lm_head.bias", "lm_head.bias", None),
-    # Only for checkpoints with tie_word_embeddings=False: the engine model then owns a decoder,
-    # and HF's forward uses decoder.bias (not lm_head.bias) -- see the model's load_weights.
-    ("lm_head.decoder.weight", "lm_head.decoder.weight", None),
-    ("lm_head.decoder.bias", "lm_head.bias", None),
 ]
 
-# Checkpoint names that are accepted and deliberately not loaded.
-IGNORED_CHECKPOINT_NAMES = (re.compile(r"^embeddings\.position_ids$"), re.compile(r"^pooler\."))
+
+def _head_rows(dense: str, norm: str, bias: str, decoder: str) -> List[Row]:
+    """The masked-LM head: dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings
+    unless ``tie_word_embeddings=False``) + bias. An untied checkpoint's decoder bias is the
+    bias HF's forward uses, so it fills the same engine parameter."""
+    return [
+        (f"{dense}.weight", "lm_head.dense.weight", None),
+        (f"{dense}.bias", "lm_head.dense.bias", None),
+        (f"{norm}.weight", "lm_head.layer_norm.weight", None),
+        (f"{norm}.bias", "lm_head.layer_norm.bias", None),
+        (bias, "lm_head.bias", None),
+        (f"{decoder}.weight", "lm_head.decoder.weight", None),
+        (f"{decoder}.bias", "lm_head.bias", None),
+    ]
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """One checkpoint family's names over the shared engine model (a second map, not a second
+    engine). ``hf_prefix`` is what transformers' class writes before encoder names."""
+
+    family: str
+    hf_prefix: str
+    accepted_prefixes: Tuple[str, ...]
+    head_prefix: str
+    head_dense_module: str
+    head_bias: str
+    head_decoder: str
+    rows: Tuple[Row, ...]
+    ignored: Tuple["re.Pattern[str]", ...] = (re.compile(r"^embeddings\.position_ids$"), re.compile(r"^pooler\."))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_forward", [(_pattern(c), e, s) for c, e, s in self.rows])
+        object.__setattr__(self, "_reverse", [(_pattern(e), c, s) for c, e, s in self.rows])
+        object.__setattr__(self, "_reverse_cache", {})
+
+    def strip_base_prefix(self, name: str) -> str:
+        for prefix in self.accepted_prefixes:
+            if name.startswith(prefix):
+                return name[len(prefix):]
+        return name
+
+    def to_hf_name(self, checkpoint_name: str) -> str:
+        """A table name as transformers' class writes it (base prefix before encoder names)."""
+        if checkpoint_name.startswith(self.head_prefix):
+            return checkpoint_name
+        return f"{self.hf_prefix}.{checkpoint_name}"
+
+    def is_head_name(self, name: str) -> bool:
+        return name.startswith(self.head_prefix)
+
+    def skipped_when_loading(self, tied: bool) -> Tuple[str, ...]:
+        """Tied: the decoder copies are redundant. Untied: HF's forward uses the decoder's bias."""
+        if tied:
+            return (f"{self.head_decoder}.weight", f"{self.head_decoder}.bias")
+        return (self.head_bias,)
+
+    def saved_duplicates(self, tied: bool) -> Tuple[str, ...]:
+        """Names HF does not store (tied to another saved tensor)."""
+        return (f"{self.head_decoder}.bias",) if tied else ()
+
+    def checkpoint_to_engine_name(self, name: str) -> Optional[Tuple[str, Optional[str]]]:
+        """Map one checkpoint tensor name to ``(engine_name, shard_id)``; None if ignored.
+
+        Raises KeyError for a name that is neither mapped nor deliberately ignored, so unexpected
+        tensors are never dropped silently.
+        """
+        name = self.strip_base_prefix(name)
+        if any(p.match(name) for p in self.ignored):
+            return None
+        for pattern, engine, shard in self._forward:
+            m = pattern.match(name)
+            if m:
+                return engine.format(i=m.groupdict().get("i")), shard
+        raise KeyError(name)
+
+    def engine_to_checkpoint_names(self, engine_name: str) -> Tuple[Tuple[str, Optional[str]], ...]:
+        """Inverse of the table: the checkpoint names (without base prefix) that fill ``engine_name``."""
+        cached = self._reverse_cache.get(engine_name)
+        if cached is None:
+            out = []
+            for pattern, ckpt, shard in self._reverse:
+                m = pattern.match(engine_name)
+                if m:
+                    out.append((ckpt.format(i=m.groupdict().get("i")), shard))
+            cached = self._reverse_cache[engine_name] = tuple(out)
+        return cached
+
 
 # How SGLang splits each engine parameter over TP ranks (by name suffix; anything else is
 # replicated): "dim0" = output rows (column-parallel linear), "dim1" = input columns
@@ -84,60 +165,87 @@ LORA_MODULES = {
 
 
 def module_dims(config, module: str) -> Tuple[int, int]:
-    """(in, out) features of a LoRA-targetable engine module."""
-    h, i = config.hidden_size, config.intermediate_size
+    """(in, out) features of a LoRA-targetable module, at the checkpoint's (unpadded) sizes."""
+    h, i = config.hidden_size, real_intermediate_size(config)
     return {"fc_in": (h, i), "down_proj": (i, h)}.get(module, (h, h))
+
+
+# --- dimensions SGLang pads ----------------------------------------------------------------------
+# On CPU SGLang 0.5.23 rounds ``intermediate_size`` up to a multiple of 32 * tp_size in the config
+# the engine model is built from (``adjust_config_with_unaligned_cpu_tp``) and keeps the real one
+# as ``original_intermediate_size``. The FFN is zero-padded to it (rows of the up projection and
+# its bias, columns of the down projection), which leaves every result exact: GELU(0) = 0 and the
+# padded columns are zero. Everything that reads or writes engine weights sees the real size.
+FFN_PADDED_DIM = {"fc_in.weight": 0, "fc_in.bias": 0, "down_proj.weight": 1}
+# LoRA matrices of FFN targets likewise: B of the up projection (rows), A of the down projection.
+LORA_FFN_PADDED = {("fc_in", "B"): 0, ("down_proj", "A"): 1}
+
+
+def real_intermediate_size(config) -> int:
+    return int(getattr(config, "original_intermediate_size", None) or config.intermediate_size)
+
+
+def ffn_padded_dim(engine_name: str) -> Optional[int]:
+    """The dimension of ``engine_name`` that holds the (padded) intermediate size, if any."""
+    for suffix, dim in FFN_PADDED_DIM.items():
+        if engine_name.endswith(suffix):
+            return dim
+    return None
+
+
+def pad_dim(tensor, dim: int, size: int):
+    """``tensor`` zero-padded along ``dim`` to ``size`` (itself when already that size)."""
+    import torch
+
+    missing = size - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def real_extent(per_rank: int, rank: int, real_total: int) -> int:
+    """How many of a rank's ``per_rank`` padded entries (rank-th block) are real."""
+    return max(0, min(per_rank, real_total - rank * per_rank))
 
 
 # LoRA targets whose base layer is row-parallel: their A is split by columns, B replicated.
 LORA_ROW_PARALLEL = frozenset(m for m in LORA_MODULES if dict(SHARD_RULES).get(f"{m}.weight") == "dim1")
 
 
-def _pattern(template: str) -> "re.Pattern[str]":
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+ROBERTA = WeightMap(
+    family="roberta",
+    hf_prefix="roberta",
+    accepted_prefixes=("roberta.", "camembert.", "xlm_roberta."),
+    head_prefix="lm_head.",
+    head_dense_module="lm_head.dense",
+    head_bias="lm_head.bias",
+    head_decoder="lm_head.decoder",
+    rows=tuple(ENCODER_ROWS + _head_rows("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder")),
+)
+BERT = WeightMap(
+    family="bert",
+    hf_prefix="bert",
+    accepted_prefixes=("bert.",),
+    head_prefix="cls.predictions.",
+    head_dense_module="cls.predictions.transform.dense",
+    head_bias="cls.predictions.bias",
+    head_decoder="cls.predictions.decoder",
+    rows=tuple(ENCODER_ROWS + _head_rows("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                                         "cls.predictions.bias", "cls.predictions.decoder")),
+    # BertForPreTraining checkpoints also carry the next-sentence head; it is not the MLM's.
+    ignored=(re.compile(r"^embeddings\.position_ids$"), re.compile(r"^pooler\."),
+             re.compile(r"^cls\.seq_relationship\.")),
+)
+WEIGHT_MAPS = {"roberta": ROBERTA, "xlm-roberta": ROBERTA, "camembert": ROBERTA, "bert": BERT}
+# Every base-model prefix any family uses (PEFT adapter keys may carry any of them).
+BASE_MODEL_PREFIXES = tuple(dict.fromkeys(p for m in (ROBERTA, BERT) for p in m.accepted_prefixes))
 
 
-_FORWARD = [(_pattern(ckpt), engine, shard) for ckpt, engine, shard in CHECKPOINT_TO_ENGINE]
-_REVERSE = [(_pattern(engine), ckpt, shard) for ckpt, engine, shard in CHECKPOINT_TO_ENGINE]
-
-
-def strip_base_prefix(name: str) -> str:
-    for prefix in BASE_MODEL_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
-def to_hf_name(checkpoint_name: str) -> str:
-    """A table name as transformers' RobertaForMaskedLM writes it (``roberta.`` prefix)."""
-    return checkpoint_name if checkpoint_name.startswith("lm_head.") else f"{HF_BASE_PREFIX}.{checkpoint_name}"
-
-
-def checkpoint_to_engine_name(name: str) -> Optional[Tuple[str, Optional[str]]]:
-    """Map one HF checkpoint tensor name to ``(engine_name, shard_id)``; None if ignored.
-
-    Raises KeyError for a name that is neither mapped nor deliberately ignored, so unexpected
-    tensors are never dropped silently.
-    """
-    name = strip_base_prefix(name)
-    if any(p.match(name) for p in IGNORED_CHECKPOINT_NAMES):
-        return None
-    for pattern, engine, shard in _FORWARD:
-        m = pattern.match(name)
-        if m:
-            return engine.format(i=m.groupdict().get("i")), shard
-    raise KeyError(name)
-
-
-@functools.lru_cache(maxsize=None)
-def engine_to_checkpoint_names(engine_name: str) -> Tuple[Tuple[str, Optional[str]], ...]:
-    """Inverse of the table: the checkpoint names (without base prefix) that fill ``engine_name``."""
-    out = []
-    for pattern, ckpt, shard in _REVERSE:
-        m = pattern.match(engine_name)
-        if m:
-            out.append((ckpt.format(i=m.groupdict().get("i")), shard))
-    return tuple(out)
+def weight_map_for(config) -> WeightMap:
+    """The weight map of a config's ``model_type`` (KeyError for an unsupported one)."""
+    return WEIGHT_MAPS[config.model_type]
 
 
 @functools.lru_cache(maxsize=None)

@@ -45,12 +45,14 @@ class EngineAdapterTarget:
     """LoRA MeZO: only one adapter's A/B matrices (PEFT names), in the engine's LoRA pool."""
 
     def __init__(self, model, adapter_name: str):
-        from ..lora.names import engine_key_to_peft
+        from ..lora.names import engine_key_to_peft, hf_prefix
 
         self.model, self.adapter_name = model, adapter_name
         loaded = model.adapter_info(adapter_name)
         self.lora_id = loaded.lora_id
-        self.peft_names = {(l, m, w): engine_key_to_peft(l, m, w) for (l, m) in loaded.spec.targets for w in "AB"}
+        prefix = hf_prefix(model.config)
+        self.peft_names = {(l, m, w): engine_key_to_peft(l, m, w, prefix)
+                           for (l, m) in loaded.spec.targets for w in "AB"}
         self.names = sorted(self.peft_names.values())
 
     def perturb(self, seed: int, scale: float, lora_id: Optional[str] = None) -> None:
