@@ -13,9 +13,15 @@ _compat.configure_sglang_environment()
 
 __version__ = "0.1.0"
 
-_LAZY = {"SGLangRobertaForMaskedLM": ".modeling.roberta"}
+_LAZY = {
+    "SGLangRobertaForMaskedLM": ".modeling.roberta",
+    "SGLangXLMRobertaForMaskedLM": ".modeling.roberta",
+    "SGLangCamembertForMaskedLM": ".modeling.roberta",
+    "SGLangBertForMaskedLM": ".modeling.bert",
+    "SGLangAutoModelForMaskedLM": ".modeling.auto",
+}
 
-__all__ = ["SGLangRobertaForMaskedLM", *_errors.__all__]  # noqa: F405 (lazy, see __getattr__)
+__all__ = [*_LAZY, *_errors.__all__]
 
 
 def __getattr__(name: str):

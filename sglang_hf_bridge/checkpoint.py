@@ -1,26 +1,39 @@
 """Reading and writing HF masked-LM checkpoint directories without running code from them.
 
-safetensors first; ``.bin`` files only through ``torch.load(weights_only=True)``. Paths and
-configs are validated before any engine starts. Shared by the face (validation, saving) and the
-engine's worker ranks (each reads the checkpoint itself), so it belongs to neither.
+safetensors first; ``.bin`` files only through ``torch.load(weights_only=True)`` (memory-mapped when
+they are in torch's zip format, read whole when they are in the legacy format). ``config.json`` is
+read as JSON first: ``auto_map`` (custom code) is refused before transformers sees the file, which
+is then read with ``trust_remote_code=False``. Tokenizer files are only ever parsed as JSON/text
+(the mask token id). Paths and configs are validated before any engine starts. Shared by the face
+(validation, saving) and the engine's worker ranks (each reads the checkpoint itself), so it
+belongs to neither.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import zipfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from .errors import CheckpointError
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_MODEL_TYPES = {
     "roberta": "RobertaForMaskedLM",
     "xlm-roberta": "XLMRobertaForMaskedLM",
     "camembert": "CamembertForMaskedLM",
+    "bert": "BertForMaskedLM",
 }
+NEUTRAL_HEAD_HINT = (
+    "; give a BERT encoder the neutral masked-LM head with `python -m sglang_hf_bridge.convert --bert "
+    "PATH --out DIR` (dense = identity, decoder tied to the word embeddings, bias 0) and load DIR"
+)
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -32,8 +45,11 @@ class CheckpointFiles:
     format: str  # "safetensors" | "bin"
 
 
-def locate_checkpoint(path) -> CheckpointFiles:
-    """Validate ``path`` as a local HF checkpoint directory and list its weight files."""
+def locate_checkpoint(path, use_safetensors: Optional[bool] = None) -> CheckpointFiles:
+    """Validate ``path`` as a local HF checkpoint directory and list its weight files.
+
+    ``use_safetensors`` as in transformers: ``None`` prefers safetensors, ``True`` requires them,
+    ``False`` prefers ``.bin`` files."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"checkpoint path must be a local directory path, got {type(path).__name__}")
     path = os.fspath(path)
@@ -46,25 +62,84 @@ def locate_checkpoint(path) -> CheckpointFiles:
         raise CheckpointError(f"checkpoint path {path!r} is not a directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path!r} has no config.json: not a Hugging Face checkpoint")
-    for index_name, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
-        index = os.path.join(path, index_name)
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            files = [os.path.join(path, s) for s in shards]
-            for f in files:
-                if os.path.dirname(os.path.realpath(f)) != os.path.realpath(path):
-                    raise CheckpointError(f"shard {f!r} listed in {index_name} lies outside the checkpoint")
-                if not os.path.isfile(f):
-                    raise CheckpointError(f"shard {f!r} listed in {index_name} is missing")
-            return CheckpointFiles(path, files, fmt)
-    for name, fmt in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            return CheckpointFiles(path, [f], fmt)
+    found = {fmt: _weight_files(path, fmt) for fmt in ("safetensors", "bin")}
+    order = ("bin", "safetensors") if use_safetensors is False else ("safetensors", "bin")
+    if use_safetensors:
+        order = ("safetensors",)
+    for fmt in order:
+        if found[fmt]:
+            return CheckpointFiles(path, found[fmt], fmt)
+    if use_safetensors and found["bin"]:
+        raise CheckpointError(
+            f"use_safetensors=True but {path!r} has only pytorch_model.bin weights: pass use_safetensors=None "
+            "(read with torch.load(weights_only=True)) or convert the checkpoint to safetensors"
+        )
     raise CheckpointError(
         f"{path!r} has no model.safetensors or pytorch_model.bin (nor a sharded index)"
     )
+
+
+def _weight_files(path: str, fmt: str) -> List[str]:
+    """The weight files of one format (a sharded index first, then the single file), or []."""
+    index_name, single = (SAFE_INDEX, "model.safetensors") if fmt == "safetensors" else (BIN_INDEX, "pytorch_model.bin")
+    index = os.path.join(path, index_name)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        for f in files:
+            if os.path.dirname(os.path.realpath(f)) != os.path.realpath(path):
+                raise CheckpointError(f"shard {f!r} listed in {index_name} lies outside the checkpoint")
+            if not os.path.isfile(f):
+                raise CheckpointError(f"shard {f!r} listed in {index_name} is missing")
+        return files
+    f = os.path.join(path, single)
+    return [f] if os.path.isfile(f) else []
+
+
+def read_config_dict(path: str) -> Dict[str, Any]:
+    """``config.json`` (of a directory, or the file itself) as plain JSON, never running code."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file!r} as JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file!r} is not a JSON object")
+    return data
+
+
+def refuse_remote_code(data: Dict[str, Any], where: str) -> None:
+    """A config that asks for custom code (``auto_map``) is refused: the bridge never runs code
+    from a checkpoint directory (transformers would import it, or ask whether to)."""
+    auto_map = data.get("auto_map")
+    if auto_map:
+        targets = sorted(set(auto_map.values())) if isinstance(auto_map, dict) else auto_map
+        raise CheckpointError(
+            f"{where!r} declares auto_map (custom code: {targets}); the bridge never runs code from a checkpoint "
+            "(trust_remote_code is not supported). Use a checkpoint with a built-in model_type: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def read_config(path: str):
+    """The transformers config at ``path`` (a directory or a config.json), read with
+    ``trust_remote_code=False`` after :func:`refuse_remote_code` and a ``model_type`` check: no
+    prompt, no import from the directory."""
+    from transformers import AutoConfig
+
+    data = read_config_dict(path)
+    refuse_remote_code(data, path)
+    model_type = data.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"model_type {model_type!r} is not supported; expected one of {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - re-raise with the path named
+        raise CheckpointError(f"cannot read the config in {path!r}: {e}") from e
 
 
 def validate_masked_lm_config(config) -> None:
@@ -75,9 +150,10 @@ def validate_masked_lm_config(config) -> None:
             f"model_type {model_type!r} is not supported; expected one of {sorted(SUPPORTED_MODEL_TYPES)}"
         )
     archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith("ForMaskedLM") for a in archs):
+    if archs and not any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
         raise CheckpointError(
             f"checkpoint architectures {archs} contain no masked-LM head (expected *ForMaskedLM)"
+            + (NEUTRAL_HEAD_HINT if model_type == "bert" else "")
         )
 
 
@@ -96,9 +172,21 @@ def iter_checkpoint_tensors(files: CheckpointFiles, progress: bool = False) -> I
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         else:
-            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-            for name, tensor in state.items():
+            for name, tensor in load_bin(shard).items():
                 yield name, tensor
+
+
+def load_bin(path: str) -> Dict[str, torch.Tensor]:
+    """A ``.bin`` state dict through ``torch.load(weights_only=True)``: memory-mapped in torch's
+    zip format, read whole in the legacy (pre-1.6) format that ``mmap`` cannot open."""
+    mmap = zipfile.is_zipfile(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - name the file; weights_only refusals say what they met
+        raise CheckpointError(f"cannot read {path!r} with torch.load(weights_only=True): {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path!r} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def checkpoint_tensor_names(files: CheckpointFiles) -> List[str]:
@@ -113,10 +201,15 @@ def checkpoint_tensor_names(files: CheckpointFiles) -> List[str]:
     return [n for n, _ in iter_checkpoint_tensors(files)]
 
 
-def require_masked_lm_head(names: List[str], path: str) -> None:
-    if not any(n.startswith("lm_head.") for n in names):
+def require_masked_lm_head(names: List[str], path: str, config) -> None:
+    """The checkpoint must hold its family's masked-LM head (``lm_head.*`` / ``cls.predictions.*``)."""
+    from .sglang_models.weight_map import weight_map_for
+
+    head = weight_map_for(config).head_prefix
+    if not any(n.startswith(head) for n in names):
         raise CheckpointError(
-            f"{path!r} has no lm_head.* tensors: it is an encoder without a masked-LM head"
+            f"{path!r} has no {head}* tensors: it is an encoder without a masked-LM head"
+            + (NEUTRAL_HEAD_HINT if config.model_type == "bert" else "")
         )
 
 
@@ -127,3 +220,86 @@ def write_safetensors(state: Dict[str, torch.Tensor], directory: str, config) ->
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(directory, "model.safetensors"),
               metadata={"format": "pt"})
     config.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------- the tokenizer's mask token
+# Parsed as JSON/text only: a tokenizer is never instantiated (no code, no sentencepiece).
+DEFAULT_MASK_TOKENS = ("<mask>", "[MASK]")  # RobertaTokenizer's and BertTokenizer's defaults
+
+
+def _json_file(directory: str, name: str) -> Optional[Any]:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring %s while looking for the mask token: %s", path, e)
+        return None
+
+
+def _token_content(token) -> Optional[str]:
+    """A special token as tokenizer files write it: a string or an AddedToken dict."""
+    if isinstance(token, str):
+        return token
+    if isinstance(token, dict) and isinstance(token.get("content"), str):
+        return token["content"]
+    return None
+
+
+def _vocab_lookups(directory: str, tokenizer_config, tokenizer_json):
+    """``(file name, {token: id})`` tables, most specific first."""
+    if isinstance(tokenizer_config, dict) and isinstance(tokenizer_config.get("added_tokens_decoder"), dict):
+        table = {}
+        for key, tok in tokenizer_config["added_tokens_decoder"].items():
+            content = _token_content(tok)
+            if content is not None and str(key).lstrip("-").isdigit():
+                table[content] = int(key)
+        yield "tokenizer_config.json added_tokens_decoder", table
+    if isinstance(tokenizer_json, dict):
+        added = tokenizer_json.get("added_tokens")
+        if isinstance(added, list):
+            yield "tokenizer.json added_tokens", {
+                t["content"]: t["id"] for t in added if isinstance(t, dict) and isinstance(t.get("id"), int)
+                and isinstance(t.get("content"), str)}
+        vocab = (tokenizer_json.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            yield "tokenizer.json vocab", vocab
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], the index is the id
+            yield "tokenizer.json vocab", {
+                e[0]: i for i, e in enumerate(vocab) if isinstance(e, (list, tuple)) and e and isinstance(e[0], str)}
+    vocab_json = _json_file(directory, "vocab.json")
+    if isinstance(vocab_json, dict):
+        yield "vocab.json", vocab_json
+    vocab_txt = os.path.join(directory, "vocab.txt")
+    if os.path.isfile(vocab_txt):
+        with open(vocab_txt, encoding="utf-8") as f:
+            yield "vocab.txt", {line.rstrip("\n"): i for i, line in reversed(list(enumerate(f)))}
+
+
+def read_mask_token_id(directory: str, vocab_size: int) -> Optional[Tuple[int, str]]:
+    """``(id, where it was found)`` of the mask token the checkpoint's tokenizer files declare
+    (``tokenizer_config.json`` / ``special_tokens_map.json`` ``mask_token``, else the tokenizer
+    classes' defaults ``<mask>`` / ``[MASK]``), resolved through ``added_tokens_decoder``,
+    ``tokenizer.json`` (added tokens, vocabulary), ``vocab.json`` or ``vocab.txt``. ``None`` when
+    the directory has no such files or the token is not in them."""
+    tokenizer_config = _json_file(directory, "tokenizer_config.json")
+    special = _json_file(directory, "special_tokens_map.json")
+    declared = [(_token_content(d.get("mask_token")), name) for d, name in
+                ((tokenizer_config, "tokenizer_config.json"), (special, "special_tokens_map.json"))
+                if isinstance(d, dict)]
+    declared = [(tok, name) for tok, name in declared if tok]
+    candidates = declared or [(tok, "the tokenizer default") for tok in DEFAULT_MASK_TOKENS]
+    tables = list(_vocab_lookups(directory, tokenizer_config, _json_file(directory, "tokenizer.json")))
+    for token, declared_in in candidates:
+        for table_name, table in tables:
+            token_id = table.get(token)
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
+                continue
+            if not 0 <= token_id < vocab_size:
+                logger.warning("ignoring mask token %r = %d from %s: outside the vocabulary [0, %d)",
+                               token, token_id, table_name, vocab_size)
+                continue
+            return token_id, f"{token!r} ({declared_in}, id from {table_name})"
+    return None

@@ -9,10 +9,15 @@ as 0.5.23 is, instead of silently computing something else.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import math
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 
 def configure_sglang_environment() -> None:
@@ -80,10 +85,22 @@ def check_parallel_runtime_available(device: str, tp_size: int) -> None:
 
 
 def init_parallel_runtime_once(bootstrap, server_args, device: str, port: int, tp_size: int) -> None:
+    """Build the process's parallel runtime (first user only), where its ranks meet as
+    :func:`register_rendezvous` said for ``port`` -- by default, for one process, a private
+    ``file://`` rendezvous and loopback gloo sockets (see :class:`Rendezvous`)."""
     check_parallel_runtime_available(device, tp_size)
     if _parallel_users["count"] == 0:
-        bootstrap.init_parallel_runtime(server_args=server_args, device=device, dist_port=port)
+        rendezvous = _rendezvous_by_port.pop(port, None)
+        if rendezvous is None:
+            rendezvous = private_rendezvous() if tp_size == 1 else Rendezvous()
+        try:
+            with rendezvous.applied():
+                bootstrap.init_parallel_runtime(server_args=server_args, device=device, dist_port=port)
+        except BaseException:
+            rendezvous.discard()
+            raise
         _parallel_users["key"] = (device, tp_size)
+        _parallel_users["rendezvous"] = rendezvous
     _parallel_users["count"] += 1
 
 
@@ -95,8 +112,156 @@ def release_parallel_runtime() -> None:
     _parallel_users["count"] -= 1
     if _parallel_users["count"] == 0:
         _parallel_users["key"] = None
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        try:
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        finally:
+            rendezvous = _parallel_users.pop("rendezvous", None)
+            if rendezvous is not None:
+                rendezvous.discard()
+
+
+# --- where ranks meet, and how long they wait for each other --------------------------------------
+# SGLang 0.5.23 builds torch.distributed's world from ``tcp://HOST:PORT`` (``dist_init_addr``, else
+# 127.0.0.1 and the dist port; ``distributed/bootstrap.py::_resolve_dist_init_method``). torch's
+# TCPStore behind it listens on EVERY interface (``*:PORT``, whatever HOST says) and admits any
+# process that connects, without credentials. gloo's pair sockets bind to the address the host
+# name resolves to unless ``GLOO_SOCKET_IFNAME`` names an interface. And the groups wait for a
+# silent peer for 30 minutes (torch's default) or, for SGLang's CPU-side groups, 120 minutes.
+# (The tests showing each of these are in tests/test_tp_security.py.)
+RENDEZVOUS_ENV = "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE"
+GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"
+_rendezvous_by_port: Dict[int, "Rendezvous"] = {}
+
+
+@dataclass
+class Rendezvous:
+    """How the ranks of one parallel runtime meet; rank 0 decides, workers receive a copy.
+
+    ``init_method``: a ``file://`` path in a private directory on one node (no listening socket
+    at all; set through SGLang's ``SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE``), None for SGLang's
+    own ``tcp://dist_init_addr`` across nodes. ``gloo_interface``: where gloo's sockets bind
+    (``GLOO_SOCKET_IFNAME``; ``lo`` on one node). ``start_timeout_s``: SGLang's ``dist_timeout``
+    while the groups are built and the engines start (collectives are bounded more tightly once
+    the engine runs, :func:`bound_collective_timeouts`). Both variables are set only while SGLang
+    builds its groups, then restored: other engines and the user's own torch.distributed in this
+    process never see them. ``directory`` is removed by the rank that created it (``owner``).
+    """
+
+    init_method: Optional[str] = None
+    gloo_interface: Optional[str] = None
+    start_timeout_s: Optional[float] = None
+    directory: Optional[str] = None
+    owner: bool = False
+
+    def for_worker(self, same_node: bool = True) -> "Rendezvous":
+        """The copy a worker gets: it never removes the directory, and a follower on another node
+        (``same_node=False``) picks its own gloo interface."""
+        return Rendezvous(self.init_method, self.gloo_interface if same_node else None,
+                          self.start_timeout_s, self.directory, owner=False)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        env = {RENDEZVOUS_ENV: self.init_method, GLOO_INTERFACE_ENV: self.gloo_interface}
+        with scoped_environment({k: v for k, v in env.items() if v is not None}):
+            if self.start_timeout_s:
+                from sglang.srt.runtime_context import get_parallel
+
+                with get_parallel().override(dist_timeout=int(math.ceil(self.start_timeout_s))):
+                    yield
+            else:
+                yield
+
+    def discard(self) -> None:
+        if self.owner and self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def private_rendezvous(start_timeout_s: Optional[float] = None) -> Rendezvous:
+    """One node: a ``file://`` store in a fresh directory only this user can enter (``mkdtemp``:
+    mode 0700) and gloo on the loopback interface, so no socket of the parallel runtime is
+    reachable from another host."""
+    from .process import interface_of_address
+
+    directory = tempfile.mkdtemp(prefix="sglang-hf-bridge-rendezvous-")
+    atexit.register(shutil.rmtree, directory, True)  # also when the process ends without close()
+    return Rendezvous(init_method="file://" + os.path.join(directory, "store"),
+                      gloo_interface=interface_of_address("127.0.0.1") or "lo",
+                      start_timeout_s=start_timeout_s, directory=directory, owner=True)
+
+
+def register_rendezvous(port: int, rendezvous: Rendezvous) -> None:
+    """Use ``rendezvous`` for the parallel runtime this process builds on dist port ``port``."""
+    _rendezvous_by_port[port] = rendezvous
+
+
+def forget_rendezvous(port: Optional[int]) -> None:
+    """Drop a registration that no runtime used (start-up failed first) and its directory."""
+    rendezvous = _rendezvous_by_port.pop(port, None) if port is not None else None
+    if rendezvous is not None:
+        rendezvous.discard()
+
+
+@contextlib.contextmanager
+def scoped_environment(values: Dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore the old values."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bound_collective_timeouts(seconds: float) -> int:
+    """Make every process group of this process's parallel runtime give up on a silent peer after
+    ``seconds``; returns how many groups were set.
+
+    SGLang 0.5.23 creates its groups with ``dist_timeout`` (torch's default, 30 minutes, when
+    unset) and each coordinator's CPU-side gloo group with ``gloo_timeout=timedelta(minutes=120)``
+    (``parallel_state.GroupCoordinator``), so a stopped or hung rank blocks a collective for half
+    an hour or two hours. torch's public ``set_timeout`` lowers a live group's limit; a collective
+    that passes it raises (gloo: ``RuntimeError`` "Timed out waiting ...ms"). Called once every
+    rank has started, so slow start-up steps keep the start-up limit.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from sglang.srt.distributed import parallel_state
+
+    if not dist.is_initialized():
+        return 0
+    groups = [dist.distributed_c10d._get_default_group()]
+    for ref in list(_require(parallel_state, "_groups", "SGLang's registry of group coordinators").values()):
+        coordinator = ref()
+        for group in (getattr(coordinator, "device_group", None), getattr(coordinator, "cpu_group", None)):
+            if group is not None and all(group is not g for g in groups):
+                groups.append(group)
+    for group in groups:
+        dist.set_timeout(timedelta(seconds=float(seconds)), group)
+    return len(groups)
+
+
+_COLLECTIVE_FAILURE_TEXTS = ("gloo", "nccl", "timed out waiting", "connection closed by peer",
+                             "connection reset by peer", "pair closure", "broken pipe")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer rank is gone or silent. gloo
+    reports both as a plain ``RuntimeError`` (not ``torch.distributed.DistError``) whose text
+    names its transport: "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms
+    for recv operation to complete", "Connection closed by peer", and on the next call
+    "Application timeout caused pair closure"."""
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _COLLECTIVE_FAILURE_TEXTS)
 
 
 # --- LoRA on a GPU-less host ------------------------------------------------------------------
@@ -298,3 +463,169 @@ def tensor_version(tensor) -> int:
     """PyTorch's in-place version counter of a tensor (shared by its views): how an in-place
     edit of an adapter view is noticed without hooks."""
     return _require(tensor, "_version", "torch's tensor version counter")
+
+
+def skip_lora_on_base_batches(model_runner) -> None:
+    """SGLang 0.5.23 runs its LoRA kernels on every batch once LoRA is enabled, also when no row
+    has an adapter (each row then multiplies by an all-zero pool slot): a few percent on
+    base-only batches, for nothing. Its LoRA backends carry a switch for exactly this case
+    (``skip_inactive_lora_batches``, on for its UNO backend, off for torch_native/triton): with
+    it, ``prepare_lora_batch`` resets the batch state when no row has an adapter and the LoRA
+    layers take the base path. Batches with adapter rows are unchanged."""
+    manager = lora_manager(model_runner)
+    if manager is None:
+        return
+    backend = _require(manager, "lora_backend", "the LoRA manager's backend")
+    _require(backend, "skip_inactive_lora_batches", "the LoRA backend's skip switch")
+    backend.skip_inactive_lora_batches = True
+
+
+# --- SGLang's world beside another default process group (data-parallel launches) ------------------
+# SGLang 0.5.23 builds its parallel runtime on torch.distributed's DEFAULT process group:
+# ``parallel_state.init_distributed_environment`` calls ``init_process_group`` only when no default
+# group exists; when one exists (torchrun/accelerate's N-process world, built by the Trainer's
+# ``PartialState``) it takes that world as its own and ``initialize_model_parallel`` raises
+# "world_size (N) is not equal to tensor_model_parallel_size (1) x pipeline_model_parallel_size (1)".
+# The other way round (engine loaded first) SGLang's 1-process world is the default and accelerate
+# adopts it: every rank believes it is rank 0 of 1 and trains alone. torch keeps ONE default group
+# per process, so the two worlds coexist like this: the launcher's world is the default (the
+# Trainer, its samplers, gathers and barriers need nothing else), and SGLang's world is an ordinary
+# group next to it. SGLang reaches its world only through the groups it built (coordinators keep
+# their rank and groups; collectives name their group), except while it builds them and when it
+# tears them down -- the two places patched here.
+_sglang_world: Dict[str, object] = {"pg": None, "installed": False}
+
+
+def _c10d_world():
+    import torch.distributed.distributed_c10d as c10d
+
+    world = _require(c10d, "_world", "torch.distributed's registry of process groups")
+    _require(world, "default_pg", "torch.distributed's default-group slot")
+    return c10d, world
+
+
+def _set_default_group(pg) -> None:
+    c10d, _ = _c10d_world()
+    _require(c10d, "_update_default_pg", "torch.distributed's default-group setter")(pg)
+
+
+_ASIDE_PREFIX = "launcher/"
+
+
+def _rename_groups_aside() -> None:
+    """torch names a process group after a per-process counter (``_world.group_count``: "0" for the
+    default group, then "1", ... or a hash of the ranks and the counter) and its ranks meet under
+    that name in the store; two groups of one process may not share a name. SGLang's TP workers
+    are fresh processes, so their groups are named from 0 while this process's counter has moved
+    on with the launcher's groups: rank 0 would wait under other names forever. So the groups that
+    exist here (the launcher's, already built: the name no longer matters to them) take a prefixed
+    name, and SGLang's build starts from 0 like its workers'."""
+    c10d, world = _c10d_world()
+    unregister = _require(c10d, "_unregister_process_group", "torch's process-group name registry")
+    register = _require(c10d, "_register_process_group", "torch's process-group name registry")
+    for pg, name in list(world.pg_names.items()):
+        if name.startswith(_ASIDE_PREFIX) or pg is _sglang_world["pg"]:
+            continue
+        unregister(name)
+        new = _ASIDE_PREFIX + name
+        _require(pg, "_set_group_name", "a process group's name setter")(new)
+        world.pg_names[pg] = new
+        register(new, pg)
+
+
+def sglang_world_is_default() -> bool:
+    """Whether this process's default process group is the world an engine of ours built."""
+    import torch.distributed as dist
+
+    return dist.is_initialized() and _parallel_users["count"] > 0 and _sglang_world["pg"] is None
+
+
+def set_aside_sglang_world() -> bool:
+    """Take SGLang's world out of the default slot (it stays alive for SGLang's own groups and is
+    destroyed when the last engine closes) so that a launcher's world can become the default.
+    Returns whether it was the default. Needs :func:`install_world_beside_default`."""
+    if not sglang_world_is_default():
+        return False
+    _, world = _c10d_world()
+    _sglang_world["pg"] = world.default_pg
+    _set_default_group(None)
+    return True
+
+
+def install_world_beside_default() -> None:
+    """Let SGLang build and destroy its world while another default process group exists
+    (idempotent). ``bootstrap.init_parallel_runtime`` runs with the default slot empty, so SGLang
+    creates its own world and groups; the other default is put back right after.
+    ``parallel_state.destroy_distributed_environment`` destroys SGLang's world as the ordinary
+    group it then is, not the default one (``destroy_process_group()`` would tear down every
+    group of the process, the launcher's included). Without another default group both behave
+    exactly as in SGLang."""
+    if _sglang_world["installed"]:
+        return
+    from sglang.srt.distributed import bootstrap, parallel_state
+
+    original_init = _require(bootstrap, "init_parallel_runtime", "SGLang's parallel-runtime builder")
+    original_destroy = _require(parallel_state, "destroy_distributed_environment", "SGLang's world teardown")
+    _require(parallel_state, "_WORLD", "SGLang's world coordinator")
+
+    def init_parallel_runtime(*args, **kwargs):
+        _, world = _c10d_world()
+        other = world.default_pg
+        with without_agent_store():
+            if other is None:
+                return original_init(*args, **kwargs)
+            _rename_groups_aside()
+            count = world.group_count
+            _set_default_group(None)
+            world.group_count = 0  # SGLang's groups get the names they get in its (fresh) TP workers
+            try:
+                return original_init(*args, **kwargs)
+            finally:
+                _sglang_world["pg"] = world.default_pg  # None if SGLang failed before building it
+                _set_default_group(other)
+                world.group_count = max(count, world.group_count)  # the same on every launched process
+
+    def destroy_distributed_environment():
+        import torch.distributed as dist
+
+        own = _sglang_world["pg"]
+        if own is None:
+            return original_destroy()
+        _sglang_world["pg"] = None
+        coordinator = parallel_state._WORLD
+        parallel_state._WORLD = None
+        parallel_state._MODEL_PARALLEL_GROUP_TIMEOUT = None
+        if coordinator is not None:
+            coordinator.destroy()
+        dist.destroy_process_group(own)
+
+    init_parallel_runtime.original = original_init
+    destroy_distributed_environment.original = original_destroy
+    bootstrap.init_parallel_runtime = init_parallel_runtime
+    parallel_state.destroy_distributed_environment = destroy_distributed_environment
+    _sglang_world["installed"] = True
+
+
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+
+
+@contextlib.contextmanager
+def without_agent_store() -> Iterator[None]:
+    """torchrun sets ``TORCHELASTIC_USE_AGENT_STORE=True`` in its workers; torch's ``tcp://``
+    rendezvous then connects every rank, rank 0 included, as a CLIENT of a store it expects the
+    agent to host at that address. SGLang's multi-rank world (``tcp://127.0.0.1:PORT``) has no
+    such host: under torchrun a ``tp_size > 1`` engine's ranks wait for each other forever. The
+    variable is needed only while the launcher's own world is built; here it is hidden while SGLang
+    builds its world (TP workers inherit the environment at launch: see :func:`drop_agent_store`)."""
+    saved = os.environ.pop(AGENT_STORE_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[AGENT_STORE_ENV] = saved
+
+
+def drop_agent_store() -> Optional[str]:
+    """Remove ``TORCHELASTIC_USE_AGENT_STORE`` from this process's environment once the launcher's
+    world exists (TP workers started later must not see it); returns the old value."""
+    return os.environ.pop(AGENT_STORE_ENV, None)

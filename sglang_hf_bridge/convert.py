@@ -43,7 +43,8 @@ def add_neutral_mlm_head(bert_dir, out_dir) -> Path:
     with open(bert_dir / "config.json") as f:
         raw = json.load(f)
     if raw.get("model_type") != "bert" or "auto_map" in raw:
-        raise CheckpointError(f"{str(bert_dir)!r} is not a plain BERT checkpoint (model_type {raw.get('model_type')!r})")
+        kind = raw.get("model_type")
+        raise CheckpointError(f"{str(bert_dir)!r} is not a plain BERT checkpoint (model_type {kind!r})")
     config = BertConfig.from_pretrained(bert_dir, trust_remote_code=False)
     state = {}
     for name, tensor in _read_state(bert_dir).items():

@@ -16,6 +16,8 @@ __all__ = [
     "PeftWrappingError",
     "SequenceTooLongError",
     "UnsupportedAdapterError",
+    "UnsupportedLoadOptionError",
+    "UnsupportedOperationError",
     "WorkerError",
 ]
 
@@ -58,3 +60,13 @@ class EngineClosedError(RuntimeError):
 
 class WorkerError(RuntimeError):
     """A tensor-parallel worker process died, hung or failed."""
+
+
+class UnsupportedLoadOptionError(ValueError):
+    """A transformers ``from_pretrained`` keyword the engine cannot honour (TensorFlow/Flax weights,
+    quantization, a multi-device ``device_map``, ``state_dict=`` ...); the message says what to do."""
+
+
+class UnsupportedOperationError(RuntimeError):
+    """An ``nn.Module``/``PreTrainedModel`` operation an engine-backed model cannot do (moving or
+    casting after load, resizing the vocabulary); the message says what to use instead."""

@@ -123,3 +123,45 @@ def test_pynccl_is_kept_off_on_cpu(monkeypatch):
     monkeypatch.setenv("SGLANG_NCCL_SO_PATH", compat.cpu_tensor_parallel_environment(2)["SGLANG_NCCL_SO_PATH"])
     with pytest.raises(Exception):
         NCCLLibrary()
+
+
+def test_base_only_batches_skip_the_lora_kernels(tmp_path):
+    """SGLang runs LoRA kernels on batches where no row has an adapter (zero slots);
+    ``compat.skip_lora_on_base_batches`` turns on its backend switch: base-only batches run no
+    LoRA kernel, batches with adapter rows still do (and give PEFT's answers, see test_lora)."""
+    import copy
+
+    from conftest import build_checkpoint
+    from peft import LoraConfig, get_peft_model
+
+    hf = build_checkpoint(tmp_path, "roberta", seed=70)
+    get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["query"],
+                                                 init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with SGLangRobertaForMaskedLM.from_pretrained(tmp_path) as model:
+        model.load_adapter(tmp_path / "adapter", adapter_name="a")
+        backend = compat.lora_manager(model.runtime.model_runner).lora_backend
+        assert backend.skip_inactive_lora_batches
+        calls = {"n": 0}
+        original = backend.run_qkv_lora
+
+        def counting(*args, **kwargs):
+            calls["n"] += 1
+            return original(*args, **kwargs)
+
+        backend.run_qkv_lora = counting
+        try:
+            base = model(ids, adapter_names=["__base__"]).logits
+            assert calls["n"] == 0
+            with_adapter = model(ids, adapter_names=["a"]).logits
+            assert calls["n"] > 0
+            backend.skip_inactive_lora_batches = False  # SGLang's default: the kernels run anyway
+            calls["n"] = 0
+            assert max_abs_diff(model(ids, adapter_names=["__base__"]).logits, base) == 0.0
+            assert calls["n"] > 0
+        finally:
+            backend.run_qkv_lora = original
+            backend.skip_inactive_lora_batches = True
+        with torch.no_grad():
+            assert max_abs_diff(base, hf(ids).logits) <= 1e-5
+        assert max_abs_diff(with_adapter, base) > 1e-4

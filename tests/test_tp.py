@@ -179,3 +179,44 @@ def test_caches_under_tensor_parallelism(tp_pair, tokenizer):
     finally:
         model.disable_result_cache()
         model.disable_frozen_layer_cache()
+
+
+def test_ctrl_c_in_rank0_leaves_no_worker_mid_collective(tp_pair, tokenizer):
+    """Ctrl-C (a real SIGINT) landing while rank 0 runs a TP forward: it is raised once every rank
+    is done, so the next calls are right and no worker is left inside a collective."""
+    import signal
+    import threading
+    import time
+
+    _, _, model = tp_pair  # earlier tests trained it: its own uninterrupted answer is the oracle
+    enc = dict(tokenizer(TEXTS * 8, return_tensors="pt", padding=True))
+    expected = model(**enc).logits.detach()
+    state = {"armed": False, "interrupted": 0}
+
+    def on_sigint(signum, frame):  # Ctrl-C's behaviour, only inside the armed region below
+        if state["armed"]:
+            raise KeyboardInterrupt
+
+    def send():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        for delay in (0.0, 0.01, 0.05, 0.1, 0.2):
+            timer = threading.Timer(delay, send)
+            state["armed"] = True
+            try:
+                timer.start()
+                model(**enc)
+                timer.join()
+                time.sleep(0.05)
+            except KeyboardInterrupt:
+                state["interrupted"] += 1
+            finally:
+                state["armed"] = False
+                timer.join()
+            assert max_abs_diff(model(**enc).logits, expected) <= TOL
+            assert model.engine_pool_stats() == model.engine_pool_capacity()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert state["interrupted"] >= 3

@@ -13,7 +13,7 @@ engine only through this interface:
 """
 
 from .config import EngineConfig, LoRAEngineConfig
-from .directions import NamedSlice, add_scaled_directions, zo_update
+from .directions import NamedSlice, add_scaled_directions, fill_direction, zo_update
 from .runtime import EncoderRuntime
 from .types import EncoderCall, EncoderResult, EncoderSequence, QueryOnlySpec, SequenceResult
 from .versions import base_layer_of, min_layer_of
@@ -31,7 +31,8 @@ from .weights import (
 __all__ = [
     "EngineConfig", "LoRAEngineConfig", "EncoderRuntime",
     "EncoderCall", "EncoderResult", "EncoderSequence", "QueryOnlySpec", "SequenceResult",
-    "NamedSlice", "add_scaled_directions", "zo_update", "hf_parameter_slices", "base_layer_of", "min_layer_of",
+    "NamedSlice", "add_scaled_directions", "fill_direction", "zo_update", "hf_parameter_slices",
+    "base_layer_of", "min_layer_of",
     "rank_copy_adapter", "rank_perturb_adapter", "rank_perturb_weights", "rank_set_adapter_tensors",
     "rank_set_hf_tensors", "rank_update_adapter", "rank_update_weights",
 ]

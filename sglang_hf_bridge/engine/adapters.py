@@ -133,15 +133,19 @@ class AdapterPool:
         # SGLang scales by lora_alpha / r; pass the alpha that yields the wanted scaling.
         config_dict = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank,
                        "target_modules": sorted({m for _, m in full})}
-        with compat.no_pinning():
-            tensors = sglang_adapter_tensors(full, config.intermediate_size)
-            result = self.engine.runner.load_lora_adapter_from_tensors(ref, tensors, config_dict)
-        if not getattr(result, "success", True):
-            raise AdapterError(f"SGLang refused adapter {name!r}: {result.error_message}")
-        adapter = EngineAdapter(ref.lora_id, name, rank, scaling, frozenset(full))
-        self.adapters[ref.lora_id] = adapter
-        self._lora_refs[ref.lora_id] = ref
-        self._make_resident(adapter)
+        self._lora_refs[lora_id] = ref  # first: whatever happens next, discard() can undo it
+        try:
+            with compat.no_pinning():
+                tensors = sglang_adapter_tensors(full, config.intermediate_size)
+                result = self.engine.runner.load_lora_adapter_from_tensors(ref, tensors, config_dict)
+            if not getattr(result, "success", True):
+                raise AdapterError(f"SGLang refused adapter {name!r}: {result.error_message}")
+            adapter = EngineAdapter(lora_id, name, rank, scaling, frozenset(full))
+            self.adapters[lora_id] = adapter
+            self._make_resident(adapter)
+        except BaseException:
+            self.discard(lora_id)
+            raise
         return adapter
 
     def _make_resident(self, adapter: EngineAdapter) -> None:
@@ -187,10 +191,21 @@ class AdapterPool:
         return compat.lora_pool_slot(self._manager, lora_id)
 
     def unload(self, lora_id: str) -> None:
-        ref = self._lora_refs.pop(lora_id)
-        self.adapters.pop(lora_id)
+        ref = self._lora_refs[lora_id]
         with compat.no_pinning():
-            self.engine.runner.unload_lora_adapter(ref)
+            result = self.engine.runner.unload_lora_adapter(ref)
+        if not getattr(result, "success", True):
+            raise AdapterError(f"SGLang could not unload adapter {ref.lora_name!r}: {result.error_message}")
+        del self._lora_refs[lora_id]
+        self.adapters.pop(lora_id, None)
+
+    def discard(self, lora_id: str) -> None:
+        """Forget ``lora_id`` here and in SGLang, whatever state a failed load left it in."""
+        ref = self._lora_refs.pop(lora_id, None)
+        self.adapters.pop(lora_id, None)
+        if ref is not None:  # SGLang's unload drops whatever part of the adapter it registered
+            with compat.no_pinning():
+                self.engine.runner.unload_lora_adapter(ref)
 
     def buffer_version(self) -> int:
         """Sum of the pool buffers' in-place version counters (moves on any in-place edit)."""

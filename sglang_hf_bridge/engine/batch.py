@@ -16,8 +16,8 @@ _request_counter = itertools.count()
 
 
 class ExtendBatch:
-    """One EXTEND batch on a ModelRunner; use as a context manager so its rows and KV slots are
-    returned to the pools whatever happens during the forward."""
+    """One EXTEND batch on a ModelRunner: ``prepare()`` allocates and returns the ForwardBatch,
+    ``release()`` (in a ``finally``; idempotent) returns its rows and KV slots."""
 
     def __init__(self, model_runner, sequences: List[Sequence[int]], lora_ids: List[Optional[str]]):
         self.model_runner = model_runner
@@ -25,7 +25,7 @@ class ExtendBatch:
                      for ids, lora in zip(sequences, lora_ids)]
         self.schedule_batch = None
 
-    def __enter__(self):
+    def prepare(self):
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
@@ -44,24 +44,28 @@ class ExtendBatch:
             spec_algorithm=SpeculativeAlgorithm.NONE,
         )
         self.schedule_batch = batch
-        batch.prepare_for_extend()
-        for r in self.reqs:
-            if compat.request_prefix_len(r) != 0:  # a guard on the invariant this module exists for
-                raise RuntimeError("internal error: an encoder request was given a cached prefix")
-        compat.move_prefill_ids_to_device(batch)
-        return ForwardBatch.init_new(batch, mr, return_hidden_states_before_norm=False)
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        try:  # a failure half-way gives back what was allocated here
+            batch.prepare_for_extend()
+            for r in self.reqs:
+                if compat.request_prefix_len(r) != 0:  # a guard on the invariant this module exists for
+                    raise RuntimeError("internal error: an encoder request was given a cached prefix")
+            compat.move_prefill_ids_to_device(batch)
+            return ForwardBatch.init_new(batch, mr, return_hidden_states_before_norm=False)
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
-        batch, self.schedule_batch = self.schedule_batch, None
+        """Return the batch's KV slots and request rows; idempotent, so an interrupted release
+        can simply be called again."""
+        batch = self.schedule_batch
         if batch is None:
             return
         mr = self.model_runner
         if batch.out_cache_loc is not None:
-            mr.token_to_kv_pool_allocator.free(batch.out_cache_loc)
-            batch.out_cache_loc = None
+            loc, batch.out_cache_loc = batch.out_cache_loc, None
+            mr.token_to_kv_pool_allocator.free(loc)
         for r in self.reqs:
             if compat.request_holds_kv(r):
                 mr.req_to_token_pool.free(r)
+        self.schedule_batch = None

@@ -35,39 +35,45 @@ class EngineCaches:
         self.frozen: Optional[FrozenLayerIndex] = None
         self._evict_debt: List[Hashable] = []  # frozen entries the ranks still have to drop
 
-    # ---- configuration ---------------------------------------------------------------------
+    # ---- configuration (under the engine lock: takes effect between passes) -------------------
     def configure_result_cache(self, max_bytes: Optional[int]) -> None:
-        self.result = ResultCache(max_bytes) if max_bytes else None
+        with self.front.lock:
+            self.result = ResultCache(max_bytes) if max_bytes else None
 
     def configure_frozen_cache(self, layer: Optional[int], max_bytes: int) -> None:
-        if self.frozen is not None:
-            self._evict_debt += self.frozen.clear()
+        """Replace the frozen-layer index whole (the new one is built before the old one goes)."""
         config = self.front.model.config
-        if layer is None or layer <= 0:
-            self.frozen = None
-            return
-        if layer >= config.num_hidden_layers:
-            raise ValueError(f"frozen layer {layer} must be below num_hidden_layers={config.num_hidden_layers}")
-        element = 2 if self.front.config.dtype in ("float16", "bfloat16") else 4
-        self.frozen = FrozenLayerIndex(layer, max_bytes, config.hidden_size * element)
+        new = None
+        if layer is not None and layer > 0:
+            if layer >= config.num_hidden_layers:
+                raise ValueError(f"frozen layer {layer} must be below num_hidden_layers={config.num_hidden_layers}")
+            element = 2 if self.front.config.dtype in ("float16", "bfloat16") else 4
+            new = FrozenLayerIndex(layer, max_bytes, config.hidden_size * element)
+        with self.front.lock:
+            old, self.frozen = self.frozen, new
+            if old is not None:
+                self._evict_debt += old.clear()
 
     def clear(self) -> None:
-        if self.result is not None:
-            self.result.clear()
-        if self.frozen is not None:
-            self._evict_debt += self.frozen.clear()
+        with self.front.lock:
+            if self.result is not None:
+                self.result.clear()
+            if self.frozen is not None:
+                self._evict_debt += self.frozen.clear()
 
     def drop_all(self) -> None:
         """At close: free every cached tensor and turn the caches off."""
-        self.result = self.frozen = None
-        self._evict_debt = []
+        with self.front.lock:
+            self.result = self.frozen = None
+            self._evict_debt = []
 
     def stats(self) -> Dict[str, Optional[Dict[str, int]]]:
-        out = {"result": self.result.stats.as_dict() if self.result else None, "frozen_layer": None}
-        if self.frozen is not None:
-            out["frozen_layer"] = dict(self.frozen.stats.as_dict(), layer=self.frozen.layer,
-                                       bypassed_calls=self.frozen.bypassed_calls)
-        return out
+        with self.front.lock:
+            out = {"result": self.result.stats.as_dict() if self.result else None, "frozen_layer": None}
+            if self.frozen is not None:
+                out["frozen_layer"] = dict(self.frozen.stats.as_dict(), layer=self.frozen.layer,
+                                           bypassed_calls=self.frozen.bypassed_calls)
+            return out
 
     # ---- versions ----------------------------------------------------------------------------
     def adapter_version(self, lora_id: Optional[str]):
@@ -80,7 +86,8 @@ class EngineCaches:
     def weights_version(self) -> int:
         """One number that moves on every change: the clock plus the LoRA pool buffers' in-place
         version counters (both only ever grow)."""
-        return self.versions.clock + self.front.adapters.buffer_version()
+        with self.front.lock:
+            return self.versions.clock + self.front.adapters.buffer_version()
 
     def result_version(self, lora_id: Optional[str]) -> Hashable:
         return self.versions.base_version(), self.adapter_version(lora_id)

@@ -63,6 +63,11 @@ class EngineConfig:
     random_seed: int = 0
     # LoRA slots; None = no LoRA machinery (see LoRAEngineConfig).
     lora: Optional["LoRAEngineConfig"] = None
+    # Tensor parallel: how long rank 0 waits for a worker -- its reply to a call, a collective once
+    # the engine runs, a start-up handshake -- before the call raises WorkerError naming the rank.
+    worker_timeout_s: float = 30.0
+    # Tensor parallel start-up as a whole: workers connecting, the rendezvous, every rank's engine.
+    start_timeout_s: float = 600.0
     # Passed through to ServerArgs unchanged (SGLang field names).
     engine_options: Dict[str, Any] = field(default_factory=dict)
 

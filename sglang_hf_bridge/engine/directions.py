@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from math import prod
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -75,27 +75,44 @@ def release_scratch() -> None:
 
 def for_each_direction(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int,
                        apply: Callable[[NamedSlice, torch.Tensor], None]) -> None:
-    """Call ``apply(slice, z[slice.index])`` for every name; names run on parallel threads."""
+    """Call ``apply(slice, z[slice.index])`` for every name; names run on parallel threads.
+
+    Whole or not at all: if anything fails (an exception, a Ctrl-C in the waiting thread) after
+    some tensors were changed, the remaining ones are changed too before the error is raised
+    (there is no exact way back); if nothing was changed yet, nothing is."""
     groups: List[List[str]] = [[] for _ in range(DIRECTION_THREADS)]
     load = [0] * DIRECTION_THREADS
     for name in sorted(names, key=lambda n: -prod(slices[n].full_shape)):
         k = load.index(min(load))
         groups[k].append(name)
         load[k] += prod(slices[name].full_shape)
+    done: set = set()
 
     def work(group: List[str]) -> None:
         with torch.no_grad():
             for name in group:
-                s = slices[name]
-                apply(s, _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype))
+                if name not in done:
+                    s = slices[name]
+                    apply(s, _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype))
+                    done.add(name)
 
     groups = [g for g in groups if g]
-    if len(groups) <= 1:
-        for g in groups:
-            work(g)
-        return
-    for future in [_executor().submit(work, g) for g in groups]:
-        future.result()
+    futures = []
+    try:
+        if len(groups) <= 1:
+            for g in groups:
+                work(g)
+            return
+        for g in groups:  # one by one: on a failure, ``futures`` holds every thread started
+            futures.append(_executor().submit(work, g))
+        for future in futures:
+            future.result()
+    except BaseException:
+        wait(futures)
+        if done:  # roll forward: finish what was started
+            for g in groups:
+                work(g)
+        raise
 
 
 # ---- the in-place MeZO operations -----------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from .. import compat
 from ..errors import EngineClosedError
-from ..process import free_local_port, resolve_qualified_name
+from ..process import deferred_interrupts, free_local_port, resolve_qualified_name
 from .adapters import AdapterPool
 from .config import EngineConfig
 from .frozen_cache import FrozenStateStore
@@ -78,6 +78,7 @@ class RankEngine:
             mr.alloc_memory_pool()
             mr.init_attention_backends()
             mr.init_cuda_graphs()
+        compat.skip_lora_on_base_batches(mr)
         self.model_runner = mr
         self.model = mr.model
         self.load_weights(weights)
@@ -148,12 +149,20 @@ class RankEngine:
             pass_inputs.initial_hidden = torch.cat([s.initial_hidden for s in seqs]).to(device)
             qo = [s.query_only_initial for s in seqs if s.query_only]
             pass_inputs.query_only_initial = torch.cat(qo).to(device) if qo else None
-        with compat.no_pinning(), ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs]) as fb:
-            self.model.pass_inputs = pass_inputs
+        # A Ctrl-C is held back while SGLang builds and runs the batch (its batch preparation is
+        # not exception-safe: KV slots allocated before an interrupt there would be lost).
+        batch = ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs])
+        with deferred_interrupts(), compat.no_pinning():
             try:
-                out = mr.forward(fb).logits_output
+                self.model.pass_inputs = pass_inputs
+                out = mr.forward(batch.prepare()).logits_output
             finally:
                 self.model.pass_inputs = None
+                try:
+                    batch.release()
+                except BaseException:
+                    batch.release()  # interrupted while giving memory back: finish, then raise
+                    raise
         hidden = out if isinstance(out, torch.Tensor) else getattr(out, "embeddings", out)
         return self._split_results(call, seqs, starts, lens, hidden, pass_inputs)
 

@@ -29,6 +29,12 @@ def rank_unload_adapter(engine, lora_id: str) -> None:
     engine.adapters.unload(lora_id)
 
 
+@writes(lambda lora_id: ("adapter", lora_id))
+def rank_discard_adapter(engine, lora_id: str) -> None:
+    """Rollback of a load that failed somewhere: unload it here if this rank holds it."""
+    engine.adapters.discard(lora_id)
+
+
 @writes(None)
 def rank_parameters(engine) -> Dict[str, torch.Tensor]:
     """This rank's engine parameters (its shards), detached; workers send copies."""

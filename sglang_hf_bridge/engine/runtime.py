@@ -6,19 +6,25 @@ Rank 0's :class:`~.rank.RankEngine` runs in this process; ranks 1..N-1 are a
 state goes through :meth:`EncoderRuntime.collective_rpc`, which runs a rank operation on every
 rank in lockstep (a plain local call when there are no workers) and moves the weight versions
 by what the operation declares it writes. The caches sit in front and decide once per call.
+
+Threads: one re-entrant lock (``runtime.lock``) serialises everything that touches engine state;
+concurrent forwards are merged into shared passes by a :class:`~.batcher.CallBatcher`, so adapter
+loads, MeZO's in-place updates and cache changes take effect between passes, never inside one.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ..errors import EngineClosedError
-from ..process import free_local_port
+from ..errors import AdapterError, EngineClosedError
+from ..process import deferred_interrupts, free_local_port
 from . import rank_ops
 from .adapters import EngineAdapter
+from .batcher import CallBatcher
 from .caching import EngineCaches
 from .config import EngineConfig
 from .rank import RankEngine
@@ -38,6 +44,8 @@ class EncoderRuntime:
         self.local: Optional[RankEngine] = None
         self.workers = WorkerGroup(config)
         self.caches = EngineCaches(self)
+        self.lock = threading.RLock()
+        self.batcher = CallBatcher(self._forward_locked, max_rows=config.max_running_requests)
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -50,7 +58,7 @@ class EncoderRuntime:
         port = free_local_port()
         try:
             self.workers.launch(port)
-            self.local = RankEngine(self.config, rank=0, dist_port=port)  # set first: close() must release it
+            self.local = self.workers.rank0_engine(port)  # set first: close() must release it
             self.local.start(weights)
             self.workers.wait_ready()
         except BaseException:
@@ -67,14 +75,15 @@ class EncoderRuntime:
         """Stop the workers and rank 0's engine, free caches and the z scratch memory."""
         from .directions import release_scratch
 
-        if self._closed:
-            return
-        self._closed = True
-        self.caches.drop_all()
-        self.workers.stop()
-        if self.local is not None:
-            self.local.close()
-        release_scratch()
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.caches.drop_all()
+            self.workers.stop()
+            if self.local is not None:
+                self.local.close()
+            release_scratch()
 
     def _engine(self) -> RankEngine:
         if self._closed or self.local is None or not self.local.started:
@@ -100,7 +109,8 @@ class EncoderRuntime:
         return self.adapters.adapters[lora_id]
 
     def pool_stats(self) -> Dict[str, int]:
-        return self._engine().pool_stats()
+        with self.lock:
+            return self._engine().pool_stats()
 
     def pool_capacity(self) -> Dict[str, int]:
         """What :meth:`pool_stats` reads when nothing is in flight."""
@@ -111,32 +121,56 @@ class EncoderRuntime:
         """Run ``fn(rank_engine, *args)`` on every rank in lockstep; returns each rank's result,
         rank 0 first (workers return None when ``gather`` is False). ``fn`` must be a module-level
         rank operation (declared with :func:`~.versions.writes`); the weight versions move by
-        what it declares."""
-        engine = self._engine()
-        try:
-            self.workers.send_call(fn, args, gather)
-            mine = fn(engine, *args)
-            return [mine] + self.workers.receive()
-        finally:
-            apply_effect(self.caches.versions, fn, args)
+        what it declares. Holds the engine lock; a Ctrl-C in the middle is raised once every rank
+        is done, so no worker is left inside a collective."""
+        with self.lock, deferred_interrupts():
+            engine = self._engine()
+            try:
+                self.workers.send_call(fn, args, gather)
+                mine = fn(engine, *args)
+                return [mine] + self.workers.receive()
+            finally:
+                apply_effect(self.caches.versions, fn, args)
 
     # ------------------------------------------------------------------ what the face asks
     def forward(self, call: EncoderCall) -> EncoderResult:
-        """Run one call through the caches (when configured) and every rank."""
+        """Run one call through the caches (when configured) and every rank; concurrent calls
+        from other threads may share the pass."""
         self._engine()
-        return self.caches.forward(call, self._forward_all_ranks)
+        return self.batcher.submit(call)
+
+    def _forward_locked(self, call: EncoderCall) -> EncoderResult:
+        with self.lock:
+            adapters = self._engine().adapters.adapters
+            for i, s in enumerate(call.sequences):
+                if s.lora_id is not None and s.lora_id not in adapters:
+                    raise AdapterError(f"row {i}'s adapter was deleted before the call ran")
+            return self.caches.forward(call, self._forward_all_ranks)
 
     def _forward_all_ranks(self, call: EncoderCall) -> EncoderResult:
         return self.collective_rpc(rank_ops.rank_forward, call, gather=False)[0]
 
     def load_adapter(self, name: str, weights, rank: int, scaling: float) -> EngineAdapter:
+        """Load on every rank, or on none: a failure or interrupt anywhere unloads it again."""
         lora_id = uuid.uuid4().hex
-        self._engine().adapters.check_room(rank)
-        self.collective_rpc(rank_ops.rank_load_adapter, name, weights, rank, scaling, lora_id)
-        return self.adapter(lora_id)
+        with self.lock, deferred_interrupts():
+            self._engine().adapters.check_room(rank)
+            try:
+                self.collective_rpc(rank_ops.rank_load_adapter, name, weights, rank, scaling, lora_id)
+                return self.adapter(lora_id)
+            except BaseException:
+                self.discard_adapter(lora_id)
+                raise
 
     def unload_adapter(self, lora_id: str) -> None:
         self.collective_rpc(rank_ops.rank_unload_adapter, lora_id)
+
+    def discard_adapter(self, lora_id: str) -> None:
+        """Unload ``lora_id`` wherever it is loaded (rollback; a no-op where it is not)."""
+        try:
+            self.collective_rpc(rank_ops.rank_discard_adapter, lora_id)
+        except Exception:  # noqa: BLE001 - a dead worker: the model is unusable anyway (WorkerError)
+            pass
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
         """Every engine parameter at full (unsharded) size, gathered from all ranks."""

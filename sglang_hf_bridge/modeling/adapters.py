@@ -9,6 +9,7 @@ next forward computes with.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -19,8 +20,10 @@ from ..lora.config import AdapterSpec, resolve_adapter_spec
 from ..lora.files import read_adapter_dir, write_adapter_dir
 from ..lora.init import init_adapter_weights
 from ..lora.names import engine_key_to_peft, hf_prefix, peft_key_to_engine
+from ..process import deferred_interrupts
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
+_STATE_INIT = threading.Lock()
 
 PEFT_WRAPPING_MESSAGE = (
     "peft.PeftModel / get_peft_model cannot wrap an SGLang-backed model: PEFT injects torch LoRA "
@@ -53,14 +56,24 @@ class LoadedAdapter:
 
 
 class SGLangAdapterMixin:
-    """Adapter methods of the SGLang-backed models (transformers' PeftAdapterMixin names)."""
+    """Adapter methods of the SGLang-backed models (transformers' PeftAdapterMixin names).
+
+    Thread-safe and transactional: every change holds the model's adapter lock, defers Ctrl-C to
+    its end, and either happens whole or is rolled back (engine and adapter table together)."""
 
     def _adapter_state(self):
         if not hasattr(self, "_bridge_adapters"):
-            self._bridge_adapters: Dict[str, LoadedAdapter] = {}
-            self._bridge_active: Optional[str] = None
-            self._bridge_enabled = True
+            with _STATE_INIT:
+                if not hasattr(self, "_bridge_adapters"):
+                    self._bridge_active: Optional[str] = None
+                    self._bridge_enabled = True
+                    self._bridge_lock = threading.RLock()
+                    self._bridge_adapters: Dict[str, LoadedAdapter] = {}
         return self._bridge_adapters
+
+    def _adapter_lock(self) -> threading.RLock:
+        self._adapter_state()
+        return self._bridge_lock
 
     # ------------------------------------------------------------------ loading
     def load_adapter(self, peft_model_id=None, adapter_name: Optional[str] = None, *, adapter_state_dict=None,
@@ -68,7 +81,7 @@ class SGLangAdapterMixin:
         """Load a PEFT LoRA adapter directory (or ``adapter_state_dict`` + ``peft_config``)
         onto the engine and make it the active adapter."""
         adapter_name = adapter_name or "default"
-        self._check_new_name(adapter_name)
+        self._check_new_name(adapter_name)  # early, before reading files; checked again under the lock
         if adapter_state_dict is not None:
             if peft_config is None:
                 raise UnsupportedAdapterError("adapter_state_dict needs peft_config")
@@ -101,10 +114,19 @@ class SGLangAdapterMixin:
         self._max_lora_rank()
 
     def _register(self, name, config, spec, weights) -> None:
-        engine = self.runtime.load_adapter(name, weights, spec.rank, spec.scaling)
-        self._adapter_state()[name] = LoadedAdapter(name, engine.lora_id, config, spec)
-        self._bridge_active = name
-        self._bridge_enabled = True
+        with self._adapter_lock(), deferred_interrupts():
+            self._check_new_name(name)
+            state = self._adapter_state()
+            before = (self._bridge_active, self._bridge_enabled)
+            engine = self.runtime.load_adapter(name, weights, spec.rank, spec.scaling)
+            try:
+                state[name] = LoadedAdapter(name, engine.lora_id, config, spec)
+                self._bridge_active, self._bridge_enabled = name, True
+            except BaseException:
+                state.pop(name, None)
+                self._bridge_active, self._bridge_enabled = before
+                self.runtime.discard_adapter(engine.lora_id)
+                raise
 
     # ------------------------------------------------------------------ selection
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
@@ -114,9 +136,10 @@ class SGLangAdapterMixin:
                 raise ValueError("the engine runs one active adapter per row; pass one name "
                                  "(mix adapters per row with adapter_names=[...])")
             adapter_name = names[0]
-        if adapter_name not in self._adapter_state():
-            raise ValueError(f"no adapter named {adapter_name!r}; loaded: {sorted(self._adapter_state())}")
-        self._bridge_active = adapter_name
+        with self._adapter_lock():
+            if adapter_name not in self._adapter_state():
+                raise ValueError(f"no adapter named {adapter_name!r}; loaded: {sorted(self._adapter_state())}")
+            self._bridge_active = adapter_name
 
     def disable_adapters(self) -> None:
         self._adapter_state()
@@ -137,15 +160,23 @@ class SGLangAdapterMixin:
         return active[0] if active else None
 
     def delete_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+        """Unload adapters. Once an unload has begun it is completed (rolled forward) even when
+        interrupted, so the engine and the adapter table never disagree."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        state = self._adapter_state()
-        for name in names:
-            if name not in state:
-                raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
-        for name in names:
-            self.runtime.unload_adapter(state.pop(name).lora_id)
-            if self._bridge_active == name:
-                self._bridge_active = next(iter(state), None)
+        with self._adapter_lock(), deferred_interrupts():
+            state = self._adapter_state()
+            for name in names:
+                if name not in state:
+                    raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
+            for name in names:
+                lora_id = state[name].lora_id
+                try:
+                    self.runtime.unload_adapter(lora_id)
+                finally:
+                    state.pop(name, None)
+                    if self._bridge_active == name:
+                        self._bridge_active = next(iter(state), None)
+                    self.runtime.discard_adapter(lora_id)  # a no-op after a complete unload
 
     @property
     def peft_config(self) -> Dict[str, object]:
@@ -200,9 +231,10 @@ class SGLangAdapterMixin:
     def _get_adapter(self, adapter_name: Optional[str]) -> LoadedAdapter:
         state = self._adapter_state()
         name = adapter_name or self._bridge_active
-        if name is None or name not in state:
+        entry = state.get(name) if name is not None else None
+        if entry is None:
             raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
-        return state[name]
+        return entry
 
     # ------------------------------------------------------------------ per-row selection
     def _row_lora_ids(self, batch_size: int, adapter_names) -> List[Optional[str]]:
@@ -216,10 +248,11 @@ class SGLangAdapterMixin:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows")
         ids = []
         for name in names:
+            entry = state.get(name)
             if name == BASE_ADAPTER:
                 ids.append(None)
-            elif name in state:
-                ids.append(state[name].lora_id)
+            elif entry is not None:
+                ids.append(entry.lora_id)
             else:
                 raise ValueError(f"adapter_names: no adapter named {name!r}; loaded: {sorted(state)} "
                                  f"(use {BASE_ADAPTER!r} for the base model)")

@@ -7,7 +7,6 @@ engine's named interface (``EncoderCall`` / ``EncoderResult``) and shapes them l
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import weakref
 from typing import Any, Optional, Tuple, Union
@@ -28,7 +27,7 @@ from ..checkpoint import (
     validate_masked_lm_config,
 )
 from ..engine import EncoderRuntime, EngineConfig, LoRAEngineConfig
-from ..errors import InferenceOnlyError, UnsupportedLoadOptionError
+from ..errors import CheckpointError, InferenceOnlyError, UnsupportedLoadOptionError
 from .adapters import SGLangAdapterMixin
 from .caching import EngineCacheMixin
 from .hf_surface import (
@@ -40,8 +39,6 @@ from .hf_surface import (
     merge_option,
     transformers_options,
 )
-
-logger = logging.getLogger(__name__)
 
 _LIVE_MODELS: "weakref.WeakSet[SGLangPreTrainedModel]" = weakref.WeakSet()
 
@@ -95,16 +92,16 @@ def _read_config(files: CheckpointFiles):
     """The checkpoint's config (never running code from it), validated as a masked LM with a head."""
     config = read_config(files.directory)
     validate_masked_lm_config(config)
-    require_masked_lm_head(checkpoint_tensor_names(files), files.directory)
+    require_masked_lm_head(checkpoint_tensor_names(files), files.directory, config)
     return config
 
 
-def _default_mask_token_id(config, directory: str) -> Tuple[int, str]:
+def _default_mask_token_id(config, directory: Optional[str]) -> Tuple[int, str]:
     """``config.mask_token_id`` > the checkpoint's tokenizer files > ``vocab_size - 1``."""
     configured = getattr(config, "mask_token_id", None)
     if configured is not None:
-        return int(configured), "config.mask_token_id"
-    found = read_mask_token_id(directory, config.vocab_size)
+        return configured, "config.mask_token_id"
+    found = read_mask_token_id(directory, config.vocab_size) if directory else None
     if found is not None:
         return found
     return config.vocab_size - 1, "vocab_size - 1 (no mask token in the checkpoint's tokenizer files)"
@@ -150,6 +147,11 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
     """PreTrainedModel whose weights live in an SGLang ModelRunner, not in torch parameters."""
 
     base_model_prefix = "roberta"
+    # Default position ids: RoBERTa's (real tokens counted from pad_token_id + 1) or, when True,
+    # BERT's absolute 0..T-1.
+    absolute_position_ids: bool = False
+    # The checkpoint model_types this class loads (empty: any supported one).
+    model_types: Tuple[str, ...] = ()
     sglang_architecture: str = ""
     # ``module.qualname`` of the SGLang-side model class (imported when the engine starts).
     sglang_model_class: str = ""
@@ -163,9 +165,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         self._engine_dtype = torch.float32
         # A zero-size parameter lets .backward() reach _InferenceOnlyGrad with a clear message.
         self._inference_only_guard = nn.Parameter(torch.zeros(0))
-        # The id compute_mlm_logits looks for when positions=None (from_pretrained reads the
-        # checkpoint's tokenizer files); assign to change it.
-        self.mask_token_id, self._mask_token_source = _default_mask_token_id(config, "")
+        self._mask_token = _default_mask_token_id(config, None)  # (id, where it comes from)
         _LIVE_MODELS.add(self)
 
     # ------------------------------------------------------------------ loading
@@ -182,6 +182,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         max_lora_rank: int = 16,
         max_loras: int = 8,
         result_cache_mb: float = 0.0,
+        worker_timeout_s: float = 30.0,
         **kwargs: Any,
     ):
         """Load a local HF masked-LM checkpoint onto a new SGLang engine.
@@ -213,6 +214,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         files = locate_checkpoint(_join_subfolder(pretrained_model_name_or_path, options.get("subfolder")),
                                   use_safetensors=options.get("use_safetensors"))
         config = effective_config(_read_config(files), options.get("config"), kwargs)
+        cls._check_family(config, files.directory)
         sglang_options = engine_options(kwargs)
         torch_dtype, torch_device = _resolve_dtype(dtype, config), _resolve_device(device)
         if torch_device.type == "cuda" and (torch_device.index or 0) != 0:
@@ -226,11 +228,14 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
             sglang_options,
         )
+        if not isinstance(worker_timeout_s, (int, float)) or worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s must be a number > 0, got {worker_timeout_s!r}")
+        engine_config.worker_timeout_s = float(worker_timeout_s)
         runtime = _start_runtime(engine_config, files)
         model = cls(config, runtime=runtime)
         model._engine_device = torch_device
         model._engine_dtype = torch_dtype
-        model.mask_token_id, model._mask_token_source = _default_mask_token_id(config, files.directory)
+        model._mask_token = _default_mask_token_id(config, files.directory)
         model.name_or_path = files.directory
         model.config.name_or_path = files.directory
         model.eval()
@@ -239,6 +244,22 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         if options.get("output_loading_info"):
             return model, {key: [] for key in LOADING_INFO_KEYS}
         return model
+
+    @classmethod
+    def _check_family(cls, config, directory: str) -> None:
+        """A RoBERTa class must not load a BERT checkpoint (or the reverse): the position ids
+        and names differ, and the answers would be silently wrong."""
+        if cls.model_types and config.model_type not in cls.model_types:
+            raise CheckpointError(
+                f"{directory!r} is a {config.model_type!r} checkpoint; {cls.__name__} loads {list(cls.model_types)}. "
+                "Use SGLangAutoModelForMaskedLM.from_pretrained(path), which picks the class by model_type")
+
+    @classmethod
+    def max_sequence_length(cls, config) -> int:
+        """Tokens one sequence may have (RoBERTa's position ids start after the padding index)."""
+        if cls.absolute_position_ids:
+            return int(config.max_position_embeddings)
+        return int(config.max_position_embeddings - config.pad_token_id - 1)
 
     @classmethod
     def _engine_config(cls, files: CheckpointFiles, config, device: torch.device, dtype: torch.dtype, tp_size,
@@ -254,7 +275,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
                              "nodes' ranks with `python -m sglang_hf_bridge.engine.tp_worker HOST:PORT RANK`")
         if nnodes < 1 or tp_size % nnodes:
             raise ValueError(f"nnodes={nnodes} must divide tp_size={tp_size}")
-        max_sequence_length = config.max_position_embeddings - config.pad_token_id - 1
+        max_sequence_length = cls.max_sequence_length(config)
         if max_num_tokens is not None and max_num_tokens < max_sequence_length:
             raise ValueError(f"max_num_tokens={max_num_tokens} is smaller than one full-length sequence "
                              f"({max_sequence_length} tokens)")
@@ -276,6 +297,17 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             engine_config.max_num_tokens = int(max_num_tokens)
         engine_config.max_num_tokens = max(engine_config.max_num_tokens, max_sequence_length)
         return engine_config
+
+    @property
+    def mask_token_id(self) -> int:
+        """The id ``compute_mlm_logits`` looks for when ``positions=None``: ``config.mask_token_id``,
+        else the checkpoint's tokenizer files (read by ``from_pretrained``), else ``vocab_size - 1``.
+        Assign to change it."""
+        return self._mask_token[0]
+
+    @mask_token_id.setter
+    def mask_token_id(self, value: int) -> None:
+        self._mask_token = (value, "model.mask_token_id")
 
     # ------------------------------------------------------------------ lifecycle
     @property

@@ -46,6 +46,11 @@ def _as_2d_long(name: str, value, shape=None, allow_broadcast_rows: bool = False
     return value.to("cpu", torch.long)
 
 
+def absolute_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """BERT's position ids: 0..T-1 in every row, padding included."""
+    return torch.arange(input_ids.shape[1]).expand_as(input_ids)
+
+
 def create_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
     """RoBERTa's position ids: real tokens count from padding_idx + 1, pad tokens get padding_idx."""
     mask = input_ids.ne(padding_idx).long()
@@ -59,14 +64,18 @@ def validate_and_prepare(
     token_type_ids=None,
     position_ids=None,
     with_query_only: bool = True,
+    absolute_positions: bool = False,
 ) -> Tuple[PreparedBatch, torch.Tensor]:
     """Check everything HF would trip over (or silently index out of range) and build the
-    engine's ragged sequences. Returns the batch and the [B, T] 0/1 attention mask."""
-    ids, mask, types, pos = validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
+    engine's ragged sequences. Returns the batch and the [B, T] 0/1 attention mask. Default
+    position ids are RoBERTa's (counted from ``pad_token_id + 1`` over real tokens) or, with
+    ``absolute_positions``, BERT's (0..T-1)."""
+    ids, mask, types, pos = validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids,
+                                            absolute_positions)
     return ragged_batch(ids, mask, types, pos, with_query_only), mask
 
 
-def validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids):
+def validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, absolute_positions=False):
     """``(ids, mask, types, positions)`` as ``[B, T]`` long CPU tensors, or InputValidationError."""
     ids = _as_2d_long("input_ids", input_ids)
     if ids is None:
@@ -92,10 +101,12 @@ def validate_inputs(config, input_ids, attention_mask, token_type_ids, position_
         raise InputValidationError(f"token_type_ids must lie in [0, {config.type_vocab_size})")
     pos = _as_2d_long("position_ids", position_ids, (B, T), allow_broadcast_rows=True)
     if pos is None:
-        pos = create_position_ids(ids, config.pad_token_id)
+        pos = absolute_position_ids(ids) if absolute_positions else create_position_ids(ids, config.pad_token_id)
     max_pos = config.max_position_embeddings
-    if int(pos.min()) < 0 or int(pos.max()) >= max_pos:
-        limit = max_pos - config.pad_token_id - 1
+    if int(pos.min()) < 0:
+        raise InputValidationError(f"position_ids must be >= 0, got {int(pos.min())}")
+    if int(pos.max()) >= max_pos:
+        limit = max_pos if absolute_positions else max_pos - config.pad_token_id - 1
         raise InputValidationError(
             f"sequence too long: position id {int(pos.max())} does not fit max_position_embeddings={max_pos} "
             f"(at most {limit} tokens per sequence for this model)"
@@ -139,3 +150,49 @@ def scatter_rows(prepared: PreparedBatch, per_row_real, per_row_query, width: in
         for slot, cols in prepared.padded_groups[b]:
             out[b, cols] = per_row_query[b][slot].to(dtype)
     return out
+
+
+def _integer_tensor(name: str, value) -> torch.Tensor:
+    """``value`` as an integer tensor; floats, bools and non-numbers are refused, not truncated."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except Exception as e:  # noqa: BLE001 - report what the user passed
+            raise InputValidationError(f"{name} must be integers, got {type(value).__name__}") from e
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise InputValidationError(f"{name} must hold integers, got dtype {value.dtype}")
+    return value.to("cpu", torch.long)
+
+
+def validate_labels(labels, shape, vocab_size: int, ignore_index: int = -100) -> torch.Tensor:
+    """``[B, T]`` integer labels: token ids in ``[0, vocab_size)`` or ``ignore_index``."""
+    labels = _integer_tensor("labels", labels)
+    if tuple(labels.shape) != tuple(shape):
+        raise InputValidationError(f"labels has shape {tuple(labels.shape)}, expected {tuple(shape)}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise InputValidationError(
+            f"label {int(labels[bad][0])} is neither a token id in [0, {vocab_size}) nor the ignore index "
+            f"{ignore_index}")
+    return labels
+
+
+def validate_vocab_ids(vocab_ids, vocab_size: int) -> List[int]:
+    """Output columns for ``compute_mlm_logits``: a non-empty list of ids in ``[0, vocab_size)``."""
+    vocab = _integer_tensor("vocab_ids", vocab_ids).flatten()
+    if vocab.numel() == 0:
+        raise InputValidationError("vocab_ids is empty")
+    if int(vocab.min()) < 0 or int(vocab.max()) >= vocab_size:
+        raise InputValidationError(f"vocab_ids must lie in [0, {vocab_size})")
+    return vocab.tolist()
+
+
+def validate_token_id(name: str, value, vocab_size: int) -> int:
+    """One integer token id in ``[0, vocab_size)`` (e.g. ``mask_token_id``)."""
+    tensor = _integer_tensor(name, value)
+    if tensor.numel() != 1:
+        raise InputValidationError(f"{name} must be one integer, got shape {tuple(tensor.shape)}")
+    token = int(tensor)
+    if not 0 <= token < vocab_size:
+        raise InputValidationError(f"{name}={token} is outside the vocabulary [0, {vocab_size})")
+    return token

@@ -1,185 +1,29 @@
-"""``SGLangRobertaForMaskedLM``: transformers' RobertaForMaskedLM interface on an SGLang engine."""
+"""RoBERTa-family faces: ``SGLangRobertaForMaskedLM`` (also loads XLM-RoBERTa and CamemBERT
+checkpoints, the same architecture), and the family names users look for."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from transformers import CamembertConfig, RobertaConfig, XLMRobertaConfig
 
-import torch
-import torch.nn.functional as F
-from transformers import RobertaConfig
-from transformers.modeling_outputs import MaskedLMOutput
-
-from ..engine import EncoderCall
-from ..errors import InputValidationError
-from .base import SGLangPreTrainedModel
-from .inputs import scatter_rows, validate_and_prepare
-from .saving import save_engine_checkpoint
+from .masked_lm import SGLangMaskedLM
 
 
-class SGLangRobertaForMaskedLM(SGLangPreTrainedModel):
-    """RoBERTa / XLM-RoBERTa / CamemBERT masked LM whose forward passes run on SGLang.
-
-    Inference-only: outputs carry no autograd graph, and ``.backward()`` on them raises
-    :class:`~sglang_hf_bridge.modeling.base.InferenceOnlyError`. ``hidden_states`` (when asked)
-    are all layers as in HF: the embedding output plus one tensor per encoder layer.
-    """
+class SGLangRobertaForMaskedLM(SGLangMaskedLM):
+    """transformers' ``RobertaForMaskedLM`` interface on an SGLang engine (RoBERTa, XLM-RoBERTa
+    and CamemBERT checkpoints)."""
 
     config_class = RobertaConfig
-    sglang_architecture = "SGLangBridgeRobertaForMaskedLM"
-    sglang_model_class = "sglang_hf_bridge.sglang_models.roberta_mlm.SGLangBridgeRobertaForMaskedLM"
-
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        token_type_ids: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        return_dict: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        adapter_names: Optional[Sequence[str]] = None,
-        **kwargs,
-    ) -> Union[MaskedLMOutput, Tuple]:
-        """As ``RobertaForMaskedLM.forward``. ``adapter_names`` picks an adapter per row
-        (``"__base__"`` = none), run as one SGLang batch; default: the active adapter."""
-        if inputs_embeds is not None:
-            raise InputValidationError("inputs_embeds is not supported: pass input_ids")
-        if output_attentions:
-            raise InputValidationError("output_attentions is not supported by the SGLang engine")
-        unknown = set(kwargs) - {"head_mask", "encoder_hidden_states", "encoder_attention_mask"}
-        if unknown:
-            raise TypeError(f"forward() got unexpected keyword arguments: {sorted(unknown)}")
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        output_hidden_states = bool(
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        prepared, _ = validate_and_prepare(self.config, input_ids, attention_mask, token_type_ids, position_ids)
-        self._assign_adapters(prepared, adapter_names)
-        call = EncoderCall(sequences=prepared.sequences, logits="all", output_hidden_states=output_hidden_states)
-        result = self.runtime.forward(call)
-        rows = result.sequences
-        V = self.config.vocab_size
-        logits = scatter_rows(prepared, [r.logits for r in rows], [r.query_only_logits for r in rows], V, self.dtype)
-        hidden_states = None
-        if output_hidden_states:
-            H = self.config.hidden_size
-            hidden_states = tuple(
-                scatter_rows(
-                    prepared,
-                    [r.hidden_states[layer] for r in rows],
-                    [r.query_only_hidden_states[layer] if r.query_only_hidden_states else None for r in rows],
-                    H,
-                    self.dtype,
-                )
-                for layer in range(self.config.num_hidden_layers + 1)
-            )
-        loss = None
-        if labels is not None:
-            labels = torch.as_tensor(labels)
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise InputValidationError(
-                    f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}")
-            loss = F.cross_entropy(logits.view(-1, V), labels.to(torch.long).view(-1), ignore_index=-100)
-            loss = self._guard(loss)
-        logits = self._guard(logits)
-        if not return_dict:
-            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)
-
-    def compute_mlm_logits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        positions: Optional[Union[torch.Tensor, Sequence[Tuple[int, int]]]] = None,
-        vocab_ids: Optional[Union[torch.Tensor, Sequence[int]]] = None,
-        mask_token_id: Optional[int] = None,
-        adapter_names: Optional[Sequence[str]] = None,
-    ) -> torch.Tensor:
-        """Logits only where they are needed: the fast path for prompt-based training/eval.
-
-        ``positions``: ``None`` (every ``<mask>`` token, row-major), a bool ``[B, T]`` tensor,
-        or ``(row, column)`` pairs (an ``[N, 2]`` tensor; output rows follow their order).
-        ``vocab_ids``: restrict the output columns to these ids (e.g. label words). The mask id
-        is ``mask_token_id``, else ``config.mask_token_id``, else ``vocab_size - 1`` (where
-        RoBERTa, XLM-R and CamemBERT vocabularies keep ``<mask>``).
-        ``adapter_names``: one adapter per row, as in ``forward``.
-        Returns ``[N, V]`` or ``[N, len(vocab_ids)]``.
-        """
-        prepared, mask = validate_and_prepare(self.config, input_ids, attention_mask, with_query_only=False)
-        self._assign_adapters(prepared, adapter_names)
-        ids = torch.as_tensor(input_ids).to("cpu", torch.long)
-        pairs = _resolve_positions(positions, ids, mask, self._mask_token_id(mask_token_id))
-        vocab = None
-        if vocab_ids is not None:
-            vocab = torch.as_tensor(vocab_ids, dtype=torch.long).flatten()
-            if vocab.numel() == 0:
-                raise InputValidationError("vocab_ids is empty")
-            if int(vocab.min()) < 0 or int(vocab.max()) >= self.config.vocab_size:
-                raise InputValidationError(f"vocab_ids must lie in [0, {self.config.vocab_size})")
-            vocab = vocab.tolist()
-        # Engine results come back row by row; remember where each requested pair lands.
-        row_major = sorted(range(len(pairs)), key=lambda i: pairs[i])
-        for b, seq in enumerate(prepared.sequences):
-            col_to_real = {int(c): i for i, c in enumerate(prepared.real_index[b])}
-            seq.logit_positions = [col_to_real[pairs[i][1]] for i in row_major if pairs[i][0] == b]
-        call = EncoderCall(sequences=prepared.sequences, logits="selected", vocab_ids=vocab)
-        result = self.runtime.forward(call)
-        width = self.config.vocab_size if vocab is None else len(vocab)
-        parts = [r.logits for r in result.sequences if r.logits is not None]
-        if not parts:
-            return torch.empty((0, width), dtype=self.dtype)
-        flat = torch.cat(parts).to(self.dtype)
-        out = torch.empty_like(flat)
-        out[torch.tensor(row_major, dtype=torch.long)] = flat
-        return self._guard(out)
-
-    def _mask_token_id(self, explicit: Optional[int]) -> int:
-        if explicit is not None:
-            return int(explicit)
-        configured = getattr(self.config, "mask_token_id", None)
-        return int(configured) if configured is not None else self.config.vocab_size - 1
-
-    def _assign_adapters(self, prepared, adapter_names) -> None:
-        for seq, lora_id in zip(prepared.sequences, self._row_lora_ids(len(prepared.sequences), adapter_names)):
-            seq.lora_id = lora_id
-
-    def save_pretrained(self, save_directory, adapter_name: Optional[str] = None,
-                        save_base_model: Optional[bool] = None, **kwargs) -> None:
-        """Without adapters: an HF checkpoint (safetensors) transformers' own masked-LM class
-        loads. With adapters (as transformers does with PEFT adapters loaded): the adapter
-        ``adapter_name`` (default: the active one) in PEFT format; ``save_base_model=True``
-        also writes the base checkpoint."""
-        loaded = list(self._adapter_state())
-        if loaded and adapter_name is None and self._bridge_active is None:
-            adapter_name = loaded[0]
-        if loaded:
-            self.save_adapter(save_directory, adapter_name)
-            if save_base_model:
-                save_engine_checkpoint(self, save_directory)
-            return
-        save_engine_checkpoint(self, save_directory)
+    base_model_prefix = "roberta"
+    model_types = ("roberta", "xlm-roberta", "camembert")
 
 
-def _resolve_positions(positions, ids: torch.Tensor, mask: torch.Tensor, mask_id: int) -> List[Tuple[int, int]]:
-    B, T = ids.shape
-    if positions is None:
-        sel = (ids == mask_id) & (mask == 1)
-        return [tuple(x) for x in sel.nonzero().tolist()]
-    positions = torch.as_tensor(positions)
-    if positions.dtype == torch.bool:
-        if tuple(positions.shape) != (B, T):
-            raise InputValidationError(f"a boolean positions mask must have shape {(B, T)}")
-        pairs = positions.nonzero().tolist()
-    else:
-        if positions.dim() != 2 or positions.shape[1] != 2 or positions.is_floating_point():
-            raise InputValidationError("positions must be a bool [B, T] mask or integer (row, column) pairs [N, 2]")
-        pairs = positions.tolist()
-    for r, c in pairs:
-        if not (0 <= r < B and 0 <= c < T):
-            raise InputValidationError(f"position ({r}, {c}) is outside input_ids of shape {(B, T)}")
-        if int(mask[r, c]) == 0:
-            raise InputValidationError(f"position ({r}, {c}) is a padded position (attention_mask is 0)")
-    return [(int(r), int(c)) for r, c in pairs]
+class SGLangXLMRobertaForMaskedLM(SGLangRobertaForMaskedLM):
+    """``XLMRobertaForMaskedLM``'s interface (the same engine model as RoBERTa)."""
+
+    config_class = XLMRobertaConfig
+
+
+class SGLangCamembertForMaskedLM(SGLangRobertaForMaskedLM):
+    """``CamembertForMaskedLM``'s interface (the same engine model as RoBERTa)."""
+
+    config_class = CamembertConfig

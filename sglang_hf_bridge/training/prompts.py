@@ -99,7 +99,7 @@ def _encoder_and_head(model):
     """(encoder, LM head) of a transformers masked LM (PEFT-wrapped or not), or (None, None)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    head = getattr(base, "lm_head", None)
+    head = getattr(base, "lm_head", None) or getattr(base, "cls", None)  # RoBERTa's / BERT's MLM head
     if encoder is None or head is None or encoder is base:
         return None, None
     return encoder, head
