@@ -72,7 +72,8 @@ def is_loopback(ip: str) -> bool:
 
 
 def with_worker_timeout(monkeypatch, seconds: float = TIMEOUT_S) -> None:
-    """from_pretrained has no keyword for it yet: set EngineConfig.worker_timeout_s on the way."""
+    """Set EngineConfig.worker_timeout_s on the way (what from_pretrained(worker_timeout_s=) sets),
+    for every load in the test, however it is started."""
     from sglang_hf_bridge.modeling.base import SGLangPreTrainedModel
 
     original = SGLangPreTrainedModel.__dict__["_engine_config"].__func__

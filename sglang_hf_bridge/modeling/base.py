@@ -226,11 +226,8 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         engine_config = cls._engine_config(
             files, config, torch_device, torch_dtype, tp_size, max_num_tokens,
             LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
-            sglang_options,
+            sglang_options, worker_timeout_s=worker_timeout_s,
         )
-        if not isinstance(worker_timeout_s, (int, float)) or worker_timeout_s <= 0:
-            raise ValueError(f"worker_timeout_s must be a number > 0, got {worker_timeout_s!r}")
-        engine_config.worker_timeout_s = float(worker_timeout_s)
         runtime = _start_runtime(engine_config, files)
         model = cls(config, runtime=runtime)
         model._engine_device = torch_device
@@ -263,8 +260,11 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
 
     @classmethod
     def _engine_config(cls, files: CheckpointFiles, config, device: torch.device, dtype: torch.dtype, tp_size,
-                       max_num_tokens, lora: Optional[LoRAEngineConfig], engine_options: dict) -> EngineConfig:
+                       max_num_tokens, lora: Optional[LoRAEngineConfig], engine_options: dict,
+                       worker_timeout_s: float = 30.0) -> EngineConfig:
         """Validate the engine-shaping arguments (before any process starts) into an EngineConfig."""
+        if not isinstance(worker_timeout_s, (int, float)) or worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s must be a number > 0, got {worker_timeout_s!r}")
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
         check_tensor_parallel_size(config, tp_size, device.type)
@@ -292,6 +292,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             max_sequence_length=max_sequence_length,
             engine_options=engine_options,
             lora=lora,
+            worker_timeout_s=float(worker_timeout_s),
         )
         if max_num_tokens is not None:
             engine_config.max_num_tokens = int(max_num_tokens)
