@@ -306,9 +306,6 @@ def test_dtype_auto_follows_the_checkpoint(setup, tmp_path):
         assert model.dtype == torch.float32
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: from_pretrained(dtype=...) leaves model.config.dtype at the "
-                   "checkpoint's dtype; transformers sets it to the loaded dtype (fix: base.py from_pretrained, "
-                   "after `model._engine_dtype = torch_dtype`: `model.config.dtype = torch_dtype`)")
 def test_config_dtype_is_the_loaded_dtype_as_in_transformers(setup, hf_half):
     _, _, _, engines = setup
     model = engines.get(torch.bfloat16)  # a float32 checkpoint loaded in bfloat16

@@ -232,6 +232,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         model = cls(config, runtime=runtime)
         model._engine_device = torch_device
         model._engine_dtype = torch_dtype
+        model.config.dtype = torch_dtype  # as transformers: the config names the loaded dtype
         model._mask_token = _default_mask_token_id(config, files.directory)
         model.name_or_path = files.directory
         model.config.name_or_path = files.directory
