@@ -32,8 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, SHARED, TOKENIZER_DIR, report, roberta_base_checkpoint  # noqa: E402
 
-CASES = [("mezo", "full", 1), ("mezo", "full", 2), ("mezo", "lora", 1), ("mezo", "lora", 2),
-         ("ddp", "full", 1), ("ddp", "full", 2), ("ddp", "lora", 2)]
+# kind-mode-processes; "1x1": one process with one thread (torchrun gives each of N > 1 processes one)
+CASES = [("mezo", "full", "1"), ("mezo", "full", "1x1"), ("mezo", "full", "2"), ("mezo", "lora", "1"),
+         ("mezo", "lora", "1x1"), ("mezo", "lora", "2"), ("ddp", "full", "1"), ("ddp", "full", "2"),
+         ("ddp", "lora", "2")]
 WARMUP_STEPS = 1
 
 
@@ -160,26 +162,31 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         kind, mode, n = case.split("-")
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+        if n == "1x1":
+            n, env["OMP_NUM_THREADS"] = "1", "1"
         result = Path(tempfile.mkdtemp()) / "result.json"
+        load = os.getloadavg()[0]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_addr", "127.0.0.1",
                "--master_port", str(free_local_port()), __file__, "--worker", f"{kind}-{mode}", "--ckpt", str(ckpt),
                "--steps", str(args.steps), "--global-batch", str(args.global_batch), "--result", str(result)]
-        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
         if r.returncode != 0 or not result.exists():
             print(r.stdout[-3000:], r.stderr[-3000:])
             raise SystemExit(f"case {case} failed")
         row = json.loads(result.read_text())
+        row["load_average_before"] = round(load, 2)
         print(row, flush=True)
         rows.append(row)
     report(f"bench_mezo_dp: {args.model} model, global batch {args.global_batch}, {args.steps} timed steps, "
            f"{os.cpu_count()} CPU cores", rows,
            ["case", "dp", "trained_parameters", "steps_per_s", "payload_bytes_per_step",
-            "measured_bytes_sent_per_step_rank0", "threads_per_process"],
+            "measured_bytes_sent_per_step_rank0", "threads_per_process", "load_average_before"],
            Path(args.out), extra={"notes": [
                "payload: MeZO counted by its reducer; DDP computed (trainable params x 4 B)",
                "measured: TCP payload bytes sent by rank 0's sockets (ss -ti bytes_sent) per timed step",
-               "DP=1 runs one process (2 threads); DP=2 two processes with 1 thread each (torchrun default)"]})
+               "DP=1 runs one process with 2 threads (1x1: 1 thread); DP=2 two processes with 1 thread each",
+               "load_average_before: the host's 1-minute load before the case (other jobs share this host)"]})
 
 
 if __name__ == "__main__":

@@ -571,19 +571,18 @@ def install_world_beside_default() -> None:
     def init_parallel_runtime(*args, **kwargs):
         _, world = _c10d_world()
         other = world.default_pg
-        with without_agent_store():
-            if other is None:
-                return original_init(*args, **kwargs)
-            _rename_groups_aside()
-            count = world.group_count
-            _set_default_group(None)
-            world.group_count = 0  # SGLang's groups get the names they get in its (fresh) TP workers
-            try:
-                return original_init(*args, **kwargs)
-            finally:
-                _sglang_world["pg"] = world.default_pg  # None if SGLang failed before building it
-                _set_default_group(other)
-                world.group_count = max(count, world.group_count)  # the same on every launched process
+        if other is None:
+            return original_init(*args, **kwargs)
+        _rename_groups_aside()
+        count = world.group_count
+        _set_default_group(None)
+        world.group_count = 0  # SGLang's groups get the names they get in its (fresh) TP workers
+        try:
+            return original_init(*args, **kwargs)
+        finally:
+            _sglang_world["pg"] = world.default_pg  # None if SGLang failed before building it
+            _set_default_group(other)
+            world.group_count = max(count, world.group_count)  # the same on every launched process
 
     def destroy_distributed_environment():
         import torch.distributed as dist
@@ -604,28 +603,3 @@ def install_world_beside_default() -> None:
     bootstrap.init_parallel_runtime = init_parallel_runtime
     parallel_state.destroy_distributed_environment = destroy_distributed_environment
     _sglang_world["installed"] = True
-
-
-AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
-
-
-@contextlib.contextmanager
-def without_agent_store() -> Iterator[None]:
-    """torchrun sets ``TORCHELASTIC_USE_AGENT_STORE=True`` in its workers; torch's ``tcp://``
-    rendezvous then connects every rank, rank 0 included, as a CLIENT of a store it expects the
-    agent to host at that address. SGLang's multi-rank world (``tcp://127.0.0.1:PORT``) has no
-    such host: under torchrun a ``tp_size > 1`` engine's ranks wait for each other forever. The
-    variable is needed only while the launcher's own world is built; here it is hidden while SGLang
-    builds its world (TP workers inherit the environment at launch: see :func:`drop_agent_store`)."""
-    saved = os.environ.pop(AGENT_STORE_ENV, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[AGENT_STORE_ENV] = saved
-
-
-def drop_agent_store() -> Optional[str]:
-    """Remove ``TORCHELASTIC_USE_AGENT_STORE`` from this process's environment once the launcher's
-    world exists (TP workers started later must not see it); returns the old value."""
-    return os.environ.pop(AGENT_STORE_ENV, None)

@@ -313,6 +313,12 @@ def test_unsupported_distributed_configurations_are_refused(bad, message):
         reducer_for_trainer(_fake_trainer(world_size=2, **bad))
 
 
+def test_nothing_to_set_aside_without_an_engine():
+    from sglang_hf_bridge import compat
+
+    assert not compat.sglang_world_is_default() and not compat.set_aside_sglang_world()
+
+
 # ============================================================================ B: objectives
 def test_objective_sums_make_unequal_shards_average_correctly():
     from sglang_hf_bridge.training.mezo import negative_accuracy, objective_sum

@@ -28,8 +28,8 @@ from typing import List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataParallelError", "DataParallelReducer", "Launch", "launch_from_env", "prepare_default_group",
-           "reducer_for_trainer"]
+__all__ = ["DataParallelError", "DataParallelReducer", "Launch", "keep_launcher_timeout", "launch_from_env",
+           "prepare_default_group", "reducer_for_trainer"]
 
 
 class DataParallelError(RuntimeError):
@@ -79,18 +79,6 @@ def prepare_default_group() -> Optional[Launch]:
         logger.info("rank %d: SGLang's world set aside; the launcher's %d-process world becomes the default group",
                     launch.rank, launch.world_size)
     return launch
-
-
-def after_default_group(launch: Optional[Launch]) -> None:
-    """Once the launcher's world is built: TP workers of engines started later must not inherit
-    torchrun's ``TORCHELASTIC_USE_AGENT_STORE`` (it makes their ``tcp://`` rendezvous wait for a
-    store nobody hosts; :func:`sglang_hf_bridge.compat.without_agent_store`)."""
-    import torch.distributed as dist
-
-    from .. import compat
-
-    if launch is not None and dist.is_initialized():
-        compat.drop_agent_store()
 
 
 def keep_launcher_timeout(timeout_s: float) -> None:

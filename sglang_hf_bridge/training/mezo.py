@@ -122,9 +122,7 @@ class MeZOTrainingArguments(TrainingArguments):
         launch = distributed.prepare_default_group()
         if launch is not None and not self.use_cpu and not torch.cuda.is_available():
             self.use_cpu = True  # accelerate builds a multi-process CPU world only when told it is on CPU
-        device = TrainingArguments._setup_devices.func(self)
-        distributed.after_default_group(launch)
-        return device
+        return TrainingArguments._setup_devices.func(self)
 
     def to_dict(self):
         d = super().to_dict()
