@@ -97,3 +97,24 @@ def max_abs_diff(a, b) -> float:
 
 def assert_pools_free(model):
     assert model.engine_pool_stats() == model.engine_pool_capacity()
+
+
+def assert_forward_matches_hf(model, hf, enc, tol: float = 1e-5):
+    """logits, loss (labels = the real tokens) and every hidden state equal transformers'."""
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    with torch.no_grad():
+        ref = hf(**enc, labels=labels, output_hidden_states=True)
+    out = model(**enc, labels=labels, output_hidden_states=True)
+    assert max_abs_diff(out.logits, ref.logits) <= tol
+    assert abs(out.loss.item() - ref.loss.item()) <= tol
+    assert all(max_abs_diff(a, b) <= tol for a, b in zip(out.hidden_states, ref.hidden_states))
+    return ref
+
+
+def fill_mask_answers(result):
+    """A fill-mask pipeline's answers (one text or many, one mask or several) as a flat list of
+    (token, score rounded to 1e-5) for comparing two pipelines."""
+    if isinstance(result, dict):
+        return [(result["token"], round(result["score"], 5))]
+    return [answer for item in result for answer in fill_mask_answers(item)]

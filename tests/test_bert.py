@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import max_abs_diff
+from conftest import assert_forward_matches_hf, fill_mask_answers, max_abs_diff
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, pipeline
 
@@ -83,14 +83,7 @@ def test_forward_matches_bert_for_masked_lm(bert):
     _, hf, model, tok = bert
     for enc in (tok(TEXTS, return_tensors="pt", padding=True), tok(*PAIRS, return_tensors="pt", padding=True)):
         enc = dict(enc)
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        with torch.no_grad():
-            ref = hf(**enc, labels=labels, output_hidden_states=True)
-        out = model(**enc, labels=labels, output_hidden_states=True)
-        assert max_abs_diff(out.logits, ref.logits) <= TOL
-        assert abs(out.loss.item() - ref.loss.item()) <= TOL
-        assert all(max_abs_diff(a, b) <= TOL for a, b in zip(out.hidden_states, ref.hidden_states))
+        ref = assert_forward_matches_hf(model, hf, enc, TOL)
         # The mask id comes from the checkpoint's tokenizer files ([MASK] = 103), not vocab_size - 1.
         got = model.compute_mlm_logits(enc["input_ids"], enc["attention_mask"],
                                        token_type_ids=enc.get("token_type_ids"))
@@ -102,9 +95,7 @@ def test_fill_mask_pipeline(bert):
     _, hf, model, tok = bert
     ours = pipeline("fill-mask", model=model, tokenizer=tok)(TEXTS[:2], top_k=5)
     theirs = pipeline("fill-mask", model=hf, tokenizer=tok)(TEXTS[:2], top_k=5)
-    flat = lambda r: [(x["token"], round(x["score"], 5)) for row in r for y in row  # noqa: E731
-                      for x in (y if isinstance(y, list) else [y])]
-    assert flat(ours) == flat(theirs)
+    assert fill_mask_answers(ours) == fill_mask_answers(theirs)
 
 
 def test_save_pretrained_loads_in_bert_for_masked_lm(bert, tmp_path):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_pools_free, build_checkpoint, max_abs_diff
+from conftest import assert_pools_free, build_checkpoint, fill_mask_answers, max_abs_diff
 from peft import LoraConfig, get_peft_model
 from transformers import pipeline
 
@@ -56,6 +56,16 @@ def _work(model, ids, mask, kind, adapter_names=None):
     positions = mask.bool()
     return model.compute_mlm_logits(ids, mask, positions=positions, vocab_ids=[5, 50, 500],
                                     adapter_names=adapter_names)
+
+
+def _churn(model, adapter_dir, stop, errors):
+    """Load and delete adapter "b" until ``stop`` (a thread's body; errors are collected)."""
+    try:
+        while time.monotonic() < stop:
+            model.load_adapter(adapter_dir, adapter_name="b")
+            model.delete_adapter("b")
+    except BaseException as e:  # noqa: BLE001
+        errors.append(e)
 
 
 def test_threads_get_single_threaded_answers_and_share_passes(setup):
@@ -135,13 +145,6 @@ def test_adapter_churn_while_threads_run(setup):
     stop = time.monotonic() + SECONDS
     errors, answers = [], []
 
-    def churn():
-        try:
-            while time.monotonic() < stop:
-                model.load_adapter(adapters["b"], adapter_name="b")
-                model.delete_adapter("b")
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
 
     def caller():
         try:
@@ -155,7 +158,8 @@ def test_adapter_churn_while_threads_run(setup):
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=churn)] + [threading.Thread(target=caller) for _ in range(THREADS - 1)]
+    threads = [threading.Thread(target=_churn, args=(model, adapters["b"], stop, errors))]
+    threads += [threading.Thread(target=caller) for _ in range(THREADS - 1)]
     for t in threads:
         t.start()
     for t in threads:
@@ -195,10 +199,7 @@ def test_pipeline_from_threads(setup, tokenizer):
         t.join(60)
     assert not errors, errors
 
-    def flat(r):
-        return [(x["token"], round(x["score"], 5)) for y in r for x in (y if isinstance(y, list) else [y])]
-
-    assert all(flat(results[k]) == flat(oracle[k]) for k in range(len(texts)))
+    assert all(fill_mask_answers(results[k]) == fill_mask_answers(oracle[k]) for k in range(len(texts)))
     assert_pools_free(model)
 
 
@@ -238,13 +239,6 @@ def test_stress_threads_interrupts_and_adapter_churn(setup):
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    def churn():
-        try:
-            while time.monotonic() < stop:
-                model.load_adapter(adapters["b"], adapter_name="b")
-                model.delete_adapter("b")
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
 
     def interrupter():
         r = random.Random(3)
@@ -256,7 +250,8 @@ def test_stress_threads_interrupts_and_adapter_churn(setup):
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    threads += [threading.Thread(target=churn), threading.Thread(target=interrupter)]
+    threads += [threading.Thread(target=_churn, args=(model, adapters["b"], stop, errors)),
+                threading.Thread(target=interrupter)]
     try:
         for t in threads:
             t.start()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_checkpoint, max_abs_diff
+from conftest import assert_forward_matches_hf, build_checkpoint, fill_mask_answers, max_abs_diff
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForMaskedLM, pipeline
 
@@ -31,14 +31,7 @@ def test_forward_loss_hidden_states_match_hf(tp_pair, tokenizer):
         tokenizer.padding_side = side
         enc = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
         tokenizer.padding_side = "right"
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        with torch.no_grad():
-            ref = hf(**enc, labels=labels, output_hidden_states=True)
-        out = model(**enc, labels=labels, output_hidden_states=True)
-        assert max_abs_diff(out.logits, ref.logits) <= TOL
-        assert abs(out.loss.item() - ref.loss.item()) <= TOL
-        assert all(max_abs_diff(a, b) <= TOL for a, b in zip(out.hidden_states, ref.hidden_states))
+        ref = assert_forward_matches_hf(model, hf, enc, TOL)
         label_ids = [372, 6587]
         cm = model.compute_mlm_logits(enc["input_ids"], enc["attention_mask"], vocab_ids=label_ids)
         assert max_abs_diff(cm, ref.logits[enc["input_ids"] == tokenizer.mask_token_id][:, label_ids]) <= TOL
@@ -49,9 +42,7 @@ def test_fill_mask_pipeline(tp_pair, tokenizer):
     _, hf, model = tp_pair
     a = pipeline("fill-mask", model=model, tokenizer=tokenizer)(TEXTS, top_k=5, batch_size=2)
     b = pipeline("fill-mask", model=hf, tokenizer=tokenizer)(TEXTS, top_k=5, batch_size=2)
-    flat = lambda r: [(x["token"], round(x["score"], 5))  # noqa: E731
-                      for row in r for y in row for x in (y if isinstance(y, list) else [y])]
-    assert flat(a) == flat(b)
+    assert fill_mask_answers(a) == fill_mask_answers(b)
 
 
 def test_save_pretrained_writes_full_unsharded_checkpoint(tp_pair, tmp_path):
