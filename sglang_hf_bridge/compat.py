@@ -34,10 +34,13 @@ def configure_sglang_environment() -> None:
 def cpu_server_args() -> dict:
     """ServerArgs the CPU host needs.
 
-    SGLang 0.5.23 sizes ``mem_fraction_static`` from GPU memory; on a CPU host its default
-    resolves to a negative fraction and ``alloc_memory_pool`` fails with "Loaded weights leave
-    no GPU memory for the KV cache under --mem-fraction-static=-0.046". The KV pool is capped
-    by ``max_total_tokens`` anyway, so a fixed fraction is safe.
+    SGLang 0.5.23 sizes the default ``mem_fraction_static`` as (capacity - reserve) / capacity,
+    with capacity = the host's RAM per NUMA node and a reserve of ~25 GB on CPU (1.5 MB per
+    prefill token). On a host under ~25 GiB per node (the 24 GiB CI host) it is negative and
+    start-up fails with "Loaded weights leave no GPU memory for the KV cache under
+    --mem-fraction-static=-0.046"; on a larger host the default works, so the failure depends
+    on the machine. The KV pool is capped by ``max_total_tokens`` anyway: a fixed fraction is
+    safe everywhere.
     """
     return {"mem_fraction_static": 0.9}
 
