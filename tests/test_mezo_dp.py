@@ -485,6 +485,39 @@ def test_accelerate_launch_and_data_parallel_times_tensor_parallel(runs, setup, 
     assert r0["world"] == 2 and r0["digest"] == r1["digest"] and r0["reducer"]["calls"] == 3
 
 
+def test_two_nodes_on_loopback_match_one_process(runs, setup, tmp_path):
+    """The multi-node recipe of docs/distributed-mezo.md, two "nodes" on this host: two torchrun
+    agents, ``--nnodes 2 --nproc_per_node 1``, meeting at one ``--rdzv_endpoint`` (c10d). Rank 0's
+    adapter after 3 steps equals the one-process run's."""
+    from sglang_hf_bridge.process import free_local_port
+
+    ckpt, adapter = setup
+    endpoint = f"127.0.0.1:{free_local_port()}"
+    script = [str(HERE / "test_mezo_dp.py"), "--ckpt", str(ckpt), "--out", str(tmp_path), "--adapter",
+              str(adapter), "--jobs", "lora", "--bs", str(GLOBAL_BATCH // 2)]
+    agents = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+               "--rdzv_id", "two-nodes", "--max_restarts", "0", *script]
+        agents.append(subprocess.Popen(cmd, cwd=str(HERE), env=_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outputs = []
+    try:
+        for agent in agents:
+            outputs.append(agent.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    ours = _tensors(tmp_path / "lora" / "checkpoint-3" / "adapter_model.safetensors")
+    ref = _tensors(runs.ref / "lora" / "checkpoint-3" / "adapter_model.safetensors")
+    assert _max_diff(ours, ref) <= 1e-6
+    r0, r1 = (_record(tmp_path, "lora", r) for r in (0, 1))
+    assert r0["world"] == 2 and r0["digest"] == r1["digest"] and r0["reducer"]["calls"] == 3
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "plain"])
 def test_a_dead_rank_fails_the_others_clearly_and_leaves_no_process(setup, tmp_path, launcher):
     """Rank 1 exits abruptly before step 1's all-reduce. torchrun stops the run; without torchrun's

@@ -1,8 +1,8 @@
 """Forward-only training on the engine: MeZO as a drop-in HF Trainer, prompt-based heads."""
 
 from .data import load_lmbff_tsv
-from .mezo import MeZOTrainer, MeZOTrainingArguments, step_seed
+from .mezo import MeZOTrainer, MeZOTrainingArguments, negative_accuracy, step_seed
 from .prompts import PromptClassifier, PromptCollator, PromptTemplate, accuracy_metrics
 
 __all__ = ["MeZOTrainer", "MeZOTrainingArguments", "PromptClassifier", "PromptCollator", "PromptTemplate",
-           "accuracy_metrics", "load_lmbff_tsv", "step_seed"]
+           "accuracy_metrics", "load_lmbff_tsv", "negative_accuracy", "step_seed"]
