@@ -337,7 +337,7 @@ def main(argv=None) -> int:
                     help="default: 1, and 2 where two GPUs are visible (on CPU without --smoke too)")
     ap.add_argument("--limit", type=int, default=None, help="prompts timed in the speed rows (default 512; smoke 16)")
     ap.add_argument("--batch-size", type=int, default=None, help="speed rows' batch size (default 64; smoke 8)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "lora", "caches", "mezo", "tp", "speed"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "lora", "caches", "mezo", "tp", "speed", "attention"])
     ap.add_argument("--allow-tf32", action="store_true", help="on CUDA, leave triton's float32 dots in TF32")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "device_check.json")
     args = ap.parse_args(argv)
@@ -372,6 +372,17 @@ def main(argv=None) -> int:
                 guarded(rows, ("speed", name, 1), check_speed, ctx, model, dtype, 1)
         if dtype != torch.float32:
             ctx.hf.pop(dtype, None)  # keep memory for the next dtype; float32 is the reference of every check
+    if "attention" not in args.skip and "float32" in args.dtypes:
+        # The attention path the device does not use by default (CPU: "sdpa", CUDA: SGLang's backend).
+        other = "backend" if args.device == "cpu" else "sdpa"
+
+        def other_attention():
+            with SGLangRobertaForMaskedLM.from_pretrained(ctx.ckpt, device=args.device, dtype=torch.float32,
+                                                          encoder_attention=other) as model:
+                return [dict(r, check=f"parity, encoder_attention={other}") for r in
+                        check_parity(ctx, model, torch.float32, 1)]
+
+        guarded(rows, ("attention", "float32", 1), other_attention)
     if "mezo" not in args.skip:
         guarded(rows, ("mezo", "float32", 1), check_mezo, ctx)
     if "tp" not in args.skip:

@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--baselines", action="store_true",
                     help="also MeZO on plain transformers (same seeds) and backprop")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="engine weights' dtype (LoRA MeZO keeps fp32 master copies of the adapter)")
     ap.add_argument("--out", type=Path, default=REPO / "examples" / "output" / "mezo_sst2")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI")
     a = ap.parse_args()
@@ -152,7 +154,8 @@ def main() -> None:
                        zo_frozen_layer_cache=not a.no_frozen_cache)
     results = []
     with tempfile.TemporaryDirectory() as work:
-        engine = SGLangRobertaForMaskedLM.from_pretrained(model_dir, max_lora_rank=max(16, a.lora_rank))
+        engine = SGLangRobertaForMaskedLM.from_pretrained(model_dir, max_lora_rank=max(16, a.lora_rank),
+                                                            dtype=getattr(torch, a.dtype))
         if a.mode == "lora":
             torch.manual_seed(a.seed)
             engine.add_adapter(copy.deepcopy(lora_cfg), adapter_name="sst2")

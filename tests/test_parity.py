@@ -131,3 +131,27 @@ def test_batch_bigger_than_pools_is_split_with_same_results(roberta_checkpoint):
         assert len(plan_chunks(lengths, 128, 3)) > 3  # really split
         _compare(hf, model, {"input_ids": ids, "attention_mask": mask}, hidden=False)
         assert_pools_free(model)
+
+
+def test_sglang_attention_backend_path_gives_the_same_answers(roberta_checkpoint, tokenizer):
+    """``encoder_attention="backend"``: attention through SGLang's torch_native backend (K/V written
+    to the KV pool, read back per request) instead of the model's own per-sequence SDPA (the
+    default). Both match transformers; only the backend path touches the KV pool."""
+    from sglang_hf_bridge import SGLangRobertaForMaskedLM
+
+    path, hf = roberta_checkpoint
+    enc = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    outputs = {}
+    for mode in ("sdpa", "backend"):
+        with SGLangRobertaForMaskedLM.from_pretrained(path, encoder_attention=mode) as model:
+            assert model.runtime.config.encoder_attention == mode
+            k_pool = model.runtime.model_runner.token_to_kv_pool.get_key_buffer(0)
+            k_pool.zero_()
+            outputs[mode], _ = _compare(hf, model, dict(enc), hidden=False)
+            assert bool(k_pool.any()) == (mode == "backend")
+            assert_pools_free(model)
+    assert max_abs_diff(outputs["sdpa"].logits, outputs["backend"].logits) <= 1e-6
+    with SGLangRobertaForMaskedLM.from_pretrained(path, attention_backend="torch_native") as model:
+        assert model.runtime.config.encoder_attention == "backend"  # naming a backend means "use it"
+    with pytest.raises(ValueError, match="encoder_attention"):
+        SGLangRobertaForMaskedLM.from_pretrained(path, encoder_attention="flash")

@@ -60,6 +60,10 @@ class EngineConfig:
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
     max_sequence_length: int = 512
     attention_backend: Optional[str] = None
+    # Who computes self-attention: "sdpa" -- the model calls torch's scaled_dot_product_attention on
+    # each sequence's own q/k/v (what an encoder needs: one pass, nothing kept); "backend" -- SGLang's
+    # attention backend (``attention_backend``), which writes K/V to the KV pool and reads them back.
+    encoder_attention: str = "sdpa"
     random_seed: int = 0
     # LoRA slots; None = no LoRA machinery (see LoRAEngineConfig).
     lora: Optional["LoRAEngineConfig"] = None

@@ -144,6 +144,7 @@ class RankEngine:
             query_only=_query_only_tokens(seqs, starts, device, self._query_only_lora),
             start_layer=call.start_layer,
             stop_layer=call.stop_layer,
+            attention_segments=lens if self.config.encoder_attention == "sdpa" else None,
         )
         if call.start_layer:
             pass_inputs.initial_hidden = torch.cat([s.initial_hidden for s in seqs]).to(device)

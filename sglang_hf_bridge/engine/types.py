@@ -47,6 +47,8 @@ class PassInputs:
     stop_layer: Optional[int] = None
     initial_hidden: Optional[torch.Tensor] = None  # [num_tokens, H]
     query_only_initial: Optional[torch.Tensor] = None  # [P, H]
+    # Token count of each sequence, in order: set when the model computes attention itself ("sdpa").
+    attention_segments: Optional[List[int]] = None
     # outputs the model fills in
     hidden_states: Optional[List[torch.Tensor]] = None
     query_only_hidden_states: Optional[List[torch.Tensor]] = None

@@ -183,6 +183,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         max_loras: int = 8,
         result_cache_mb: float = 0.0,
         worker_timeout_s: float = 30.0,
+        encoder_attention: Optional[str] = None,
         **kwargs: Any,
     ):
         """Load a local HF masked-LM checkpoint onto a new SGLang engine.
@@ -191,7 +192,11 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         engine pass carries); larger calls are split. ``enable_lora`` starts SGLang's LoRA
         machinery with room for ``max_loras`` resident adapters of rank <= ``max_lora_rank``.
         ``result_cache_mb`` > 0 turns the whole-sequence result cache on (see
-        ``enable_result_cache``). The first call in a process imports SGLang (a few seconds).
+        ``enable_result_cache``). ``encoder_attention``: ``"sdpa"`` (default on CPU) -- the model runs
+        torch's SDPA on each sequence's own q/k/v; ``"backend"`` (default on CUDA and when
+        ``attention_backend=`` is given) -- SGLang's attention backend, through the KV pool. Same
+        answers (tested); ``"sdpa"`` skips the KV round trip. The first call in a process imports
+        SGLang (a few seconds).
 
         Other keywords, as transformers takes them (table: ``TRANSFORMERS_LOAD_KEYWORDS``):
         honoured -- ``torch_dtype`` (= ``dtype``), ``device_map`` naming one device, ``config=``
@@ -226,7 +231,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         engine_config = cls._engine_config(
             files, config, torch_device, torch_dtype, tp_size, max_num_tokens,
             LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
-            sglang_options, worker_timeout_s=worker_timeout_s,
+            sglang_options, worker_timeout_s=worker_timeout_s, encoder_attention=encoder_attention,
         )
         runtime = _start_runtime(engine_config, files)
         model = cls(config, runtime=runtime)
@@ -262,7 +267,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
     @classmethod
     def _engine_config(cls, files: CheckpointFiles, config, device: torch.device, dtype: torch.dtype, tp_size,
                        max_num_tokens, lora: Optional[LoRAEngineConfig], engine_options: dict,
-                       worker_timeout_s: float = 30.0) -> EngineConfig:
+                       worker_timeout_s: float = 30.0, encoder_attention: Optional[str] = None) -> EngineConfig:
         """Validate the engine-shaping arguments (before any process starts) into an EngineConfig."""
         if not isinstance(worker_timeout_s, (int, float)) or worker_timeout_s <= 0:
             raise ValueError(f"worker_timeout_s must be a number > 0, got {worker_timeout_s!r}")
@@ -276,6 +281,11 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
                              "nodes' ranks with `python -m sglang_hf_bridge.engine.tp_worker HOST:PORT RANK`")
         if nnodes < 1 or tp_size % nnodes:
             raise ValueError(f"nnodes={nnodes} must divide tp_size={tp_size}")
+        # Naming an SGLang attention backend means "use it"; otherwise the model's own SDPA.
+        if encoder_attention is None:  # CUDA: triton's one varlen kernel beats a launch per sequence
+            encoder_attention = "backend" if engine_options.get("attention_backend") or device.type != "cpu" else "sdpa"
+        if encoder_attention not in ("sdpa", "backend"):
+            raise ValueError(f"encoder_attention must be 'sdpa' or 'backend', got {encoder_attention!r}")
         max_sequence_length = cls.max_sequence_length(config)
         if max_num_tokens is not None and max_num_tokens < max_sequence_length:
             raise ValueError(f"max_num_tokens={max_num_tokens} is smaller than one full-length sequence "
@@ -294,6 +304,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             engine_options=engine_options,
             lora=lora,
             worker_timeout_s=float(worker_timeout_s),
+            encoder_attention=encoder_attention,
         )
         if max_num_tokens is not None:
             engine_config.max_num_tokens = int(max_num_tokens)
