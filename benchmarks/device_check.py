@@ -337,7 +337,8 @@ def main(argv=None) -> int:
                     help="default: 1, and 2 where two GPUs are visible (on CPU without --smoke too)")
     ap.add_argument("--limit", type=int, default=None, help="prompts timed in the speed rows (default 512; smoke 16)")
     ap.add_argument("--batch-size", type=int, default=None, help="speed rows' batch size (default 64; smoke 8)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "lora", "caches", "mezo", "tp", "speed", "attention"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["parity", "lora", "caches", "mezo", "tp", "speed", "attention"])
     ap.add_argument("--allow-tf32", action="store_true", help="on CUDA, leave triton's float32 dots in TF32")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "device_check.json")
     args = ap.parse_args(argv)
