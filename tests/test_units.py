@@ -614,7 +614,7 @@ def test_resolve_bogus_qualified_name_raises_import_error(path):
 
 
 def test_run_call_refuses_foreign_paths():
-    from sglang_hf_bridge.engine.workers import _run_call
+    from sglang_hf_bridge.engine.tp_worker import _run_call
 
     with pytest.raises(ValueError, match="only run sglang_hf_bridge"):
         _run_call(object(), "os.system", ("true",), True)
@@ -623,14 +623,14 @@ def test_run_call_refuses_foreign_paths():
 
 
 def test_run_call_refuses_undeclared_functions():
-    from sglang_hf_bridge.engine.workers import _run_call
+    from sglang_hf_bridge.engine.tp_worker import _run_call
 
     with pytest.raises(ValueError, match="not a declared rank operation"):
         _run_call(object(), "sglang_hf_bridge.process.free_local_port", (), True)
 
 
 def test_run_call_runs_declared_operation():
-    from sglang_hf_bridge.engine.workers import _run_call
+    from sglang_hf_bridge.engine.tp_worker import _run_call
 
     sentinel, seen = object(), []
 

@@ -19,7 +19,15 @@ from .adapters import AdapterPool
 from .config import EngineConfig
 from .frozen_cache import FrozenStateStore
 from .scheduler import plan_chunks
-from .types import EncoderCall, EncoderResult, PassInputs, QueryOnlyLoRA, QueryOnlyTokens, SequenceResult
+from .types import (
+    EncoderCall,
+    EncoderResult,
+    EncoderSequence,
+    PassInputs,
+    QueryOnlyLoRA,
+    QueryOnlyTokens,
+    SequenceResult,
+)
 
 WeightIterator = Iterable[Tuple[str, torch.Tensor]]
 
@@ -248,3 +256,11 @@ def _query_only_tokens(seqs, starts, device, lora_groups) -> Optional[QueryOnlyT
         key_mask=key_mask.to(device),
         lora=lora_groups([seqs[i].lora_id for i, _ in specs], device),
     )
+
+
+def warm_up_then_bound_collectives(engine: RankEngine) -> None:
+    """Last start-up step on every rank: one tiny forward in lockstep (on CPU the first one
+    compiles SGLang's vocabulary-parallel helper, ~20 s cold, at a different pace on each rank),
+    still under the start-up limit; then every collective is bounded by ``worker_timeout_s``."""
+    engine.forward(EncoderCall(sequences=[EncoderSequence(input_ids=[0, 0], position_ids=[0, 1])], logits="all"))
+    compat.bound_collective_timeouts(engine.config.worker_timeout_s)

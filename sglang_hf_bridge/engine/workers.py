@@ -2,7 +2,8 @@
 execute rank operations sent by rank 0, in lockstep (SGLang's parallel layers meet in
 collectives: gloo on CPU, NCCL on CUDA).
 
-Local workers are plain subprocesses (``python -m sglang_hf_bridge.engine.tp_worker``) rather than
+Local workers are plain subprocesses (``python -m sglang_hf_bridge.engine.tp_worker``, the worker
+side of this module's protocol; the framing both ends share is ``wire.py``) rather than
 multiprocessing children, so user scripts need no ``if __name__ == "__main__"`` guard. They die
 with the user's process (parent-death signal plus a connection that closes). On other nodes the
 user starts the same command per rank (a "follower") pointing at rank 0's command address, with
@@ -29,13 +30,11 @@ import os
 import pickle
 import secrets
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import traceback
-from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import WorkerError
@@ -43,39 +42,13 @@ from ..process import (
     interface_of_address,
     process_state,
     qualified_name,
-    resolve_qualified_name,
-    set_parent_death_signal,
 )
 from .config import AUTHKEY_ENV, EngineConfig
-from .rank import RankEngine
+from .rank import RankEngine, warm_up_then_bound_collectives
+from .wire import MAX_PENDING_HANDSHAKES, bound_socket_waits, listening_socket, receive_message, send_message
 
-# Defaults of EngineConfig.start_timeout_s / worker_timeout_s (kept for callers that import them).
-WORKER_START_TIMEOUT_S = 600
-WORKER_REPLY_TIMEOUT_S = 30
-# Start-up connections whose handshake is still running; more are refused at once.
-MAX_PENDING_HANDSHAKES = 16
 # How long close() lets healthy workers shut down on their own before killing them.
 CLOSE_GRACE_S = 10.0
-
-
-def _send(conn, obj) -> None:
-    # Plain pickle (tensors copied as bytes): multiprocessing's pickler would pass tensor storage
-    # through file descriptors, which needs multiprocessing-managed processes.
-    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _recv(conn):
-    return pickle.loads(conn.recv_bytes())
-
-
-def _bound_socket_waits(sock: socket.socket, seconds: float) -> None:
-    """Every single read or write on ``sock`` fails (``OSError``) after ``seconds`` without progress,
-    so a peer that stops in the middle of a message cannot hold rank 0 (``poll`` alone only bounds
-    the wait for a message's first byte)."""
-    whole = int(seconds)
-    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 class _RemoteRank:
@@ -110,7 +83,7 @@ class _Handshake(threading.Thread):
         try:
             deliver_challenge(self.conn, self.authkey)  # wrong key / garbage: AuthenticationError, OSError
             answer_challenge(self.conn, self.authkey)
-            msg = _recv(self.conn)  # only an authenticated peer gets this far
+            msg = receive_message(self.conn)  # only an authenticated peer gets this far
             if not (isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "hello" and type(msg[1]) is int
                     and (msg[2] is None or isinstance(msg[2], str))):
                 raise ValueError(f"not a worker hello: {type(msg).__name__}")
@@ -169,7 +142,7 @@ class WorkerGroup:
         compat.register_rendezvous(dist_port, rendezvous)  # rank 0's own engine meets the others there
         token = secrets.token_hex(16)  # proves a connection is one of the workers spawned here
         deadline = time.monotonic() + cfg.start_timeout_s
-        with _listen(address) as server:
+        with listening_socket(address) as server:
             self.command_address = server.getsockname()[:2]
             self._spawn_local_workers(authkey, token)
             try:
@@ -181,7 +154,7 @@ class WorkerGroup:
         self.procs = [local[r - 1] if r < cfg.ranks_per_node else _RemoteRank(r) for r in ranks]
         self.conns = [by_rank[r] for r in ranks]
         for r, conn in zip(ranks, self.conns):
-            _send(conn, (cfg, dist_port, rendezvous.for_worker(same_node=r < cfg.ranks_per_node)))
+            send_message(conn, (cfg, dist_port, rendezvous.for_worker(same_node=r < cfg.ranks_per_node)))
         # Each worker checks what it can before the ranks meet (its checkpoint, SGLang's import): a
         # failure there is reported now, not after rank 0 waited start_timeout_s at the rendezvous.
         self.receive(timeout=max(1.0, deadline - time.monotonic()))
@@ -244,7 +217,7 @@ class WorkerGroup:
                                                           f"; start their followers, pointing at {self._address()}"))
                 self._check_spawned()
                 try:
-                    sock, _ = server.accept()  # the listener waits 0.1 s at most (see _listen)
+                    sock, _ = server.accept()  # the listener waits 0.1 s at most (see wire.listening_socket)
                 except OSError:  # socket.timeout included
                     sock = None
                 if sock is not None and len(pending) >= MAX_PENDING_HANDSHAKES:
@@ -263,7 +236,7 @@ class WorkerGroup:
                     if rank is None:
                         h.drop()
                         continue
-                    _bound_socket_waits(h.sock, self.timeout_s)
+                    bound_socket_waits(h.sock, self.timeout_s)
                     h.sock.close()  # the Connection keeps its own descriptor
                     by_rank[rank] = h.conn
                     missing.discard(rank)
@@ -333,7 +306,7 @@ class WorkerGroup:
         message = ("call", (qualified_name(fn), args, gather))
         for rank, (c, p) in self._ranks_with_conns():
             try:
-                _send(c, message)
+                send_message(c, message)
             except (OSError, ValueError) as e:
                 raise self._fail(self._describe(rank, p, f"could not be sent the call ({e})")) from e
         self._outstanding = True
@@ -364,7 +337,7 @@ class WorkerGroup:
                 while not c.poll(max(0.0, min(0.2, deadline - time.monotonic()))):
                     if p.poll() is not None or time.monotonic() >= deadline:
                         raise TimeoutError
-                replies[rank] = _recv(c)
+                replies[rank] = receive_message(c)
             except (TimeoutError, EOFError, OSError, pickle.UnpicklingError) as e:
                 if isinstance(e, TimeoutError):
                     what = f"did not answer within {timeout:.0f} s"
@@ -435,7 +408,7 @@ class WorkerGroup:
             ok = self._broken is None and p.poll() is None and not _stopped(p)
             if ok:
                 try:
-                    _send(c, ("close", ()))
+                    send_message(c, ("close", ()))
                 except (OSError, ValueError):
                     ok = False
             graceful.append(ok)
@@ -478,7 +451,7 @@ def _queued_error(conn, wait: float = 0.0) -> str:
     ``wait`` seconds."""
     try:
         if conn.poll(wait):
-            status, value = _recv(conn)
+            status, value = receive_message(conn)
             if status == "error":
                 return f":\n{value}"
     except (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError):
@@ -496,41 +469,10 @@ def _last_line(text: Any) -> str:
     return lines[-1] if lines else ""
 
 
-class _listen:
-    """A listening TCP socket on ``address`` (host, port), closed on exit."""
-
-    def __init__(self, address):
-        host, port = address
-        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(sockaddr)
-        self.sock.listen(MAX_PENDING_HANDSHAKES)
-        self.sock.settimeout(0.1)  # accept() returns now and then, so deadlines are checked
-
-    def __enter__(self) -> socket.socket:
-        return self.sock
-
-    def __exit__(self, *exc) -> bool:
-        self.sock.close()
-        return False
-
-
 # ---------------------------------------------------------------------- rank 0
-def _warm_up_then_bound(engine: RankEngine) -> None:
-    """Last start-up step on every rank: one tiny forward in lockstep (on CPU the first one
-    compiles SGLang's vocabulary-parallel helper, ~20 s cold, at a different pace on each rank),
-    still under the start-up limit; then every collective is bounded by ``worker_timeout_s``."""
-    from .. import compat
-    from .types import EncoderCall, EncoderSequence
-
-    engine.forward(EncoderCall(sequences=[EncoderSequence(input_ids=[0, 0], position_ids=[0, 1])], logits="all"))
-    compat.bound_collective_timeouts(engine.config.worker_timeout_s)
-
-
 class Rank0Engine(RankEngine):
     """Rank 0's engine when there are workers. The same engine, plus: start-up ends with the
-    lockstep warm-up that bounds the collectives (:func:`_warm_up_then_bound`), and a failure in
+    lockstep warm-up that bounds the collectives (:func:`~.rank.warm_up_then_bound_collectives`), and a failure in
     its own share of a call -- a collective that timed out because a worker stopped, or broke
     because one died -- is reported as :class:`WorkerError` naming that rank (``explain``)."""
 
@@ -541,7 +483,7 @@ class Rank0Engine(RankEngine):
     def start(self, weights) -> "Rank0Engine":
         try:
             super().start(weights)
-            _warm_up_then_bound(self)
+            warm_up_then_bound_collectives(self)
         except Exception as e:
             error = self.group.explain(e)
             if error is e:
@@ -559,107 +501,3 @@ class Rank0Engine(RankEngine):
             raise error from e
 
 
-# ---------------------------------------------------------------------- the worker side
-def worker_entry() -> None:
-    """``python -m sglang_hf_bridge.engine.tp_worker HOST:PORT RANK [--local]``.
-
-    A follower on another node takes the shared authkey (hex) from the environment variable named
-    by ``AUTHKEY_ENV`` -- read once and removed from ``os.environ``, though ``/proc/PID/environ``
-    keeps showing it -- or, when that is unset, from the first line of stdin. Local workers
-    (``--local``) read the key and their spawn token from stdin and die with rank 0."""
-    args = [a for a in sys.argv[1:] if a != "--local"]
-    local = len(args) < len(sys.argv) - 1
-    address, rank = args[0], int(args[1])
-    host, _, port = address.rpartition(":")
-    if local or not host:
-        set_parent_death_signal()  # a local worker dies with rank 0's process
-    authkey, token = _read_secret(local)
-    deadline = time.monotonic() + (WORKER_START_TIMEOUT_S if not local else 60)
-    while True:  # a follower may start before rank 0 listens
-        try:
-            conn = Client((host or "127.0.0.1", int(port)), authkey=authkey)
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    _send(conn, ("hello", rank, token))
-    config, dist_port, rendezvous = _recv(conn)
-    if rendezvous.gloo_interface is None and rendezvous.init_method is None:  # a follower: gloo binds
-        from .. import compat  # where this node reaches rank 0, unless the user named an interface
-
-        rendezvous.gloo_interface = os.environ.get(compat.GLOO_INTERFACE_ENV) or _local_interface(conn)
-    _serve(config, rank, dist_port, conn, rendezvous)
-
-
-def _read_secret(local: bool) -> Tuple[bytes, Optional[str]]:
-    if not local and AUTHKEY_ENV in os.environ:
-        return bytes.fromhex(os.environ.pop(AUTHKEY_ENV)), None
-    key = sys.stdin.readline().strip()
-    token = sys.stdin.readline().strip() if local else ""
-    if not key:
-        raise SystemExit(f"tp_worker: no authkey ({AUTHKEY_ENV} is unset and stdin gave none)")
-    return bytes.fromhex(key), token or None
-
-
-def _local_interface(conn) -> Optional[str]:
-    with socket.socket(fileno=os.dup(conn.fileno())) as s:
-        return interface_of_address(s.getsockname()[0])
-
-
-def _serve(config: EngineConfig, rank: int, dist_port: int, conn, rendezvous) -> None:
-    import dataclasses
-
-    config = dataclasses.replace(config, node_rank=rank // config.ranks_per_node)
-    try:
-        from .. import compat, log_control
-        from ..checkpoint import iter_checkpoint_tensors, locate_checkpoint
-
-        compat.configure_sglang_environment()
-        if config.device == "cpu":
-            os.environ.update(compat.cpu_tensor_parallel_environment(config.tp_size))
-        compat.register_rendezvous(dist_port, rendezvous)
-        checkpoint = locate_checkpoint(config.model_path)
-        with log_control.quiet_sglang():
-            import sglang.srt.model_executor.model_runner  # noqa: F401 - the long import, before the ranks meet
-
-            _send(conn, ("prepared", None))
-            engine: Optional[RankEngine] = RankEngine(config, rank=rank, dist_port=dist_port)
-            engine.start(iter_checkpoint_tensors(checkpoint))
-            _warm_up_then_bound(engine)
-        _send(conn, ("ready", None))
-    except BaseException:  # noqa: BLE001 - report to rank 0, then exit
-        try:
-            _send(conn, ("error", traceback.format_exc()))
-        except OSError:
-            pass
-        return
-    while True:
-        try:
-            op, args = _recv(conn)
-        except (EOFError, OSError):  # rank 0 is gone
-            break
-        try:
-            if op == "close":
-                engine.close()
-                _send(conn, ("ok", None))
-                break
-            try:
-                reply = ("ok", _run_call(engine, *args))
-            except BaseException:  # noqa: BLE001
-                reply = ("error", traceback.format_exc())
-            _send(conn, reply)
-        except OSError:  # rank 0 is gone
-            break
-    os._exit(0)
-
-
-def _run_call(engine, path: str, args: tuple, gather: bool) -> Any:
-    """One rank operation, the same on every rank; only declared rank operations run."""
-    if not path.startswith("sglang_hf_bridge."):
-        raise ValueError(f"workers only run sglang_hf_bridge rank operations, not {path!r}")
-    fn = resolve_qualified_name(path)
-    if not hasattr(fn, "weight_effect"):
-        raise ValueError(f"{path!r} is not a declared rank operation (see engine.versions.writes)")
-    result = fn(engine, *args)
-    return result if gather else None
