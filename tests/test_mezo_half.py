@@ -88,3 +88,32 @@ def test_lora_mezo_in_bfloat16_follows_float32(checkpoint):
     assert (torch.sign(fp32) == torch.sign(bf16)).sum() >= 8
     # eps = 1e-3 is below bfloat16's resolution: the projected gradient is noise
     assert correlation(grads[(torch.float32, 1e-3)], grads[(torch.bfloat16, 1e-3)]) < 0.8
+
+
+def test_mezo_losses_of_a_bfloat16_model_are_float32(checkpoint, tmp_path):
+    """The bug this avoids: a bfloat16 model's cross-entropy is itself bfloat16 (steps of 2**-8 near
+    0.7), so MeZO's l+ - l- at eps = 1e-3 read exactly 0 or +-2**-8 and the projected gradient took
+    the values 0, +-1.95, +-3.9 (seen on the real MiniLM run). The losses MeZO uses are float32
+    cross-entropies of the bfloat16 logits -- the model's own loss path and the paired-batch path."""
+    from sglang_hf_bridge.training import MeZOTrainer, MeZOTrainingArguments, PromptClassifier
+
+    path, ids, labels = checkpoint
+    with SGLangRobertaForMaskedLM.from_pretrained(path, dtype=torch.bfloat16) as model:
+        model.load_adapter(path / "adapter", adapter_name="a")
+        clf = PromptClassifier(model, LABEL_WORDS, 50264)
+        logits = clf.label_logits(ids)
+        assert logits.dtype == torch.bfloat16
+        exact = F.cross_entropy(logits.float(), labels)
+        rounded = F.cross_entropy(logits, labels)
+        assert rounded.dtype == torch.bfloat16 and float(rounded) != float(exact)  # what was used before
+        out = clf(input_ids=ids, labels=labels)
+        assert out["loss"].dtype == torch.float32 and float(out["loss"]) == float(exact)
+        args = MeZOTrainingArguments(output_dir=str(tmp_path), zo_eps=1e-3, report_to=[], use_cpu=True,
+                                     per_device_train_batch_size=16, remove_unused_columns=False)
+        trainer = MeZOTrainer(model=clf, args=args)
+        total, count = trainer._objective_sum(clf, {"input_ids": ids, "labels": labels})
+        assert count == 16 and abs(total / count - float(exact)) <= 1e-6
+        plus, minus, count = trainer._paired_sums(trainer.zo_target(), {"input_ids": ids, "attention_mask": None,
+                                                                         "labels": labels}, seed=7)
+        quantum = 2.0 ** -8
+        assert plus != minus and abs((plus - minus) / count / quantum - round((plus - minus) / count / quantum)) > 1e-3

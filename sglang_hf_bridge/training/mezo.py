@@ -73,6 +73,14 @@ def _items(labels: Optional[torch.Tensor], batch_size: int) -> int:
     return int((labels != IGNORE_INDEX).sum()) if labels is not None else batch_size
 
 
+def float32_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100, computed in float32 whatever the logits' dtype. A
+    half-precision model's own loss is rounded to ~3 significant digits (bfloat16: steps of 2**-8
+    near 1), far coarser than l+ - l- at MeZO's eps, which then reads 0 or a multiple of that step."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+
+
 def objective_sum(objective: Objective, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, int]:
     """``(sum, count)`` of a callable objective's values on one batch: one value per example (or
     item) is summed; a single value is taken as the mean over the batch's labelled items. Sums and
@@ -272,6 +280,9 @@ class MeZOTrainer(Trainer):
         if objective is None or objective == "cross_entropy":
             loss = out["loss"] if isinstance(out, dict) else out.loss
             count = _items(labels, inputs["input_ids"].shape[0])
+            if loss.dtype in (torch.float16, torch.bfloat16) and labels is not None:  # see float32_cross_entropy
+                logits = out["logits"] if isinstance(out, dict) else out.logits
+                loss = float32_cross_entropy(logits, labels)
             return float(loss) * count, count
         return objective_sum(objective, out["logits"] if isinstance(out, dict) else out.logits, labels)
 
@@ -288,8 +299,9 @@ class MeZOTrainer(Trainer):
             logits = self.model.label_logits(*both, adapter_names=[PLUS] * B + [MINUS] * B)
         objective = self.args.zo_objective
         if objective is None or objective == "cross_entropy":
-            ce, count = torch.nn.functional.cross_entropy, _items(labels, B)
-            return float(ce(logits[:B], labels)) * count, float(ce(logits[B:], labels)) * count, count
+            count = _items(labels, B)
+            return (float(float32_cross_entropy(logits[:B], labels)) * count,
+                    float(float32_cross_entropy(logits[B:], labels)) * count, count)
         (s_plus, count), (s_minus, _) = (objective_sum(objective, half, labels) for half in (logits[:B], logits[B:]))
         return s_plus, s_minus, count
 

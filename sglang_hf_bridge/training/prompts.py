@@ -88,7 +88,9 @@ class PromptClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, adapter_names=None, **_):
         logits = self.label_logits(input_ids, attention_mask, adapter_names)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        # float32 loss from half-precision logits: a bfloat16 loss has ~3 digits, so MeZO's l+ - l-
+        # would come out as 0 or a multiple of 2**-8 (tests/test_mezo_half.py).
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
 
     def save_pretrained(self, directory, **kwargs):
