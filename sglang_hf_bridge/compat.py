@@ -483,6 +483,32 @@ def skip_lora_on_base_batches(model_runner) -> None:
     backend.skip_inactive_lora_batches = True
 
 
+def release_unread_kv_memory(model_runner) -> int:
+    """SGLang 0.5.23 backs every KV-pool slot with memory (for roberta-base at 8,192 tokens in
+    float32: 576 MiB, as much as the weights). With ``encoder_attention="sdpa"`` the model reads and
+    writes none of it: attention runs on each pass's own q/k/v. The slots stay (SGLang's batch
+    building assigns them; the pools' accounting is unchanged); each layer's K and V buffer becomes
+    a tensor of the same shape on the ``meta`` device: no memory, writes go nowhere, and anything
+    that read it would get a meta tensor and fail at its next real op instead of computing with
+    stale numbers. Returns the bytes given back."""
+    import torch
+
+    pool = _require(model_runner, "token_to_kv_pool", "the model runner's KV pool")
+    keys, values = _require(pool, "k_buffer", "the KV pool's key buffers"), _require(
+        pool, "v_buffer", "the KV pool's value buffers")
+    init_pointers = _require(pool, "_init_data_ptrs_and_strides", "the KV pool's pointer tables")
+    if not isinstance(keys, list) or not isinstance(values, list) or not keys:
+        raise SGLangLayoutError("SGLang internals changed: the KV pool's buffers are not per-layer lists")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in keys + values}
+
+    def unbacked(t: "torch.Tensor") -> "torch.Tensor":
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    pool.k_buffer, pool.v_buffer = [unbacked(t) for t in keys], [unbacked(t) for t in values]
+    init_pointers()
+    return sum(storages.values())
+
+
 # --- SGLang's world beside another default process group (data-parallel launches) ------------------
 # SGLang 0.5.23 builds its parallel runtime on torch.distributed's DEFAULT process group:
 # ``parallel_state.init_distributed_environment`` calls ``init_process_group`` only when no default

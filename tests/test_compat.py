@@ -169,3 +169,29 @@ def test_base_only_batches_skip_the_lora_kernels(tmp_path):
         with torch.no_grad():
             assert max_abs_diff(base, hf(ids).logits) <= 1e-5
         assert max_abs_diff(with_adapter, base) > 1e-4
+
+
+def test_kv_pool_is_backed_by_memory_nobody_reads_so_the_engine_gives_it_back(roberta_checkpoint):
+    """The bug: SGLang backs every KV slot with memory (here 2 layers x K,V x 8,193 slots), also when
+    the model computes attention itself (``encoder_attention="sdpa"``) and never touches it.
+    ``compat.release_unread_kv_memory`` swaps each buffer for a same-shape ``meta`` tensor: the
+    memory is gone, a read could not pass for numbers, answers and pool accounting are unchanged."""
+    from conftest import assert_pools_free
+
+    path, hf = roberta_checkpoint
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 2, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with SGLangRobertaForMaskedLM.from_pretrained(path, encoder_attention="backend") as stock:
+        pool = stock.runtime.model_runner.token_to_kv_pool
+        backed = sum(t.untyped_storage().nbytes() for t in pool.k_buffer + pool.v_buffer)
+        assert backed >= 2 * 2 * 8192 * hf.config.hidden_size * 4  # what SGLang holds
+        freed = compat.release_unread_kv_memory(stock.runtime.model_runner)
+        assert freed >= backed / 2  # K and V may share one allocation per layer
+        assert all(t.is_meta for t in pool.k_buffer + pool.v_buffer)
+        with pytest.raises((RuntimeError, NotImplementedError)):  # the backend path now reads nothing real
+            stock(ids, attention_mask=mask)
+    with SGLangRobertaForMaskedLM.from_pretrained(path) as model:  # sdpa on CPU: released at start
+        pool = model.runtime.model_runner.token_to_kv_pool
+        assert all(t.is_meta for t in pool.k_buffer + pool.v_buffer)
+        assert max_abs_diff(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits) <= 1e-5
+        assert_pools_free(model)

@@ -87,6 +87,8 @@ class RankEngine:
             mr.init_attention_backends()
             mr.init_cuda_graphs()
         compat.skip_lora_on_base_batches(mr)
+        if cfg.encoder_attention == "sdpa":
+            compat.release_unread_kv_memory(mr)
         self.model_runner = mr
         self.model = mr.model
         self.load_weights(weights)
