@@ -47,6 +47,22 @@ def roberta_base_checkpoint(seed: int = 0) -> Path:
     return path
 
 
+def tiny_checkpoint() -> Path:
+    """A tiny random RoBERTa (hidden 64, 2 layers, the real vocabulary) with logits spread like a
+    trained model's (``initializer_range=0.3``), saved under the temp dir (cached): for smoke runs and
+    for measuring what is not compute."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    path = Path(tempfile.gettempdir()) / "sglang-hf-bridge-bench-roberta-tiny-v2"
+    if not (path / "model.safetensors").exists():
+        config = RobertaConfig(vocab_size=50265, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                               bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, initializer_range=0.3)
+        torch.manual_seed(0)
+        RobertaForMaskedLM(config).save_pretrained(path)
+    return path
+
+
 def time_it(fn: Callable[[], object], repeats: int = 1, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in seconds after ``warmup`` untimed runs."""
     for _ in range(warmup):

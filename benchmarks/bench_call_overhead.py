@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, report  # noqa: E402
+from _common import REPO, report, tiny_checkpoint  # noqa: E402
 
 STAGES = ["batch building (SGLang ScheduleBatch, ForwardBatch, slots)", "ModelRunner.forward",
           "  of which the model's layers", "LM head", "giving slots back", "whole call"]
@@ -49,15 +48,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24, help="prompt length, <s> and </s> included")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "call_overhead.json")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_checkpoint
     from transformers import RobertaForMaskedLM
 
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
     from sglang_hf_bridge.engine import batch as batch_module
 
-    path = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    build_checkpoint(path, "roberta")
+    path = tiny_checkpoint()
     hf = RobertaForMaskedLM.from_pretrained(path).eval()
     vocab = hf.config.vocab_size
     mask_id = vocab - 1

@@ -30,26 +30,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, TOKENIZER_DIR, report, roberta_base_checkpoint  # noqa: E402
+from _common import REPO, SHARED, TOKENIZER_DIR, report, roberta_base_checkpoint, tiny_checkpoint  # noqa: E402
 
 # kind-mode-processes; "1x1": one process with one thread (torchrun gives each of N > 1 processes one)
 CASES = [("mezo", "full", "1"), ("mezo", "full", "1x1"), ("mezo", "full", "2"), ("mezo", "lora", "1"),
          ("mezo", "lora", "1x1"), ("mezo", "lora", "2"), ("ddp", "full", "1"), ("ddp", "full", "2"),
          ("ddp", "lora", "2")]
 WARMUP_STEPS = 1
-
-
-def tiny_checkpoint() -> Path:
-    import torch
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
-    path = Path(tempfile.gettempdir()) / "sglang-hf-bridge-bench-roberta-tiny"
-    if not (path / "model.safetensors").exists():
-        config = RobertaConfig(vocab_size=50265, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=128, max_position_embeddings=514, pad_token_id=1, type_vocab_size=1)
-        torch.manual_seed(0)
-        RobertaForMaskedLM(config).save_pretrained(path)
-    return path
 
 
 def socket_bytes_sent(pid: int) -> int:

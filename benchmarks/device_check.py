@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import tempfile
@@ -48,57 +47,36 @@ if "--allow-tf32" not in sys.argv and "cuda" in " ".join(sys.argv):
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, TOKENIZER_DIR, environment, prompts, roberta_base_checkpoint  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    SHARED,
+    TOKENIZER_DIR,
+    environment,
+    prompts,
+    roberta_base_checkpoint,
+    tiny_checkpoint,
+)
 
-RATIO, MARGIN = {"mean": 1.5, "max": 2.0}, 0.05
+from sglang_hf_bridge.accuracy import PROBE_LABEL_WORDS, PROBE_TEXTS, half_precision_bounds, measure  # noqa: E402
+
 FP32_TOL = {"cpu": 1e-5, "cuda": 1e-4}  # x max(1, max|ref|); CUDA's is a starting point (not measured here)
-TEXTS = [
-    "The movie was <mask>.",
-    "A much longer sentence about a <mask> film that I watched yesterday with two friends.",
-    "Short <mask>",
-    "It was a dark and stormy <mask>, and the rain fell in torrents.",
-    "Paris is the <mask> of France.",
-    "I <mask> this.",
-]
-LABEL_WORDS = [372, 6587, 205, 1099]
+TEXTS, LABEL_WORDS = PROBE_TEXTS, PROBE_LABEL_WORDS  # the prompts the half-precision rule was measured on
 
 
 # ---------------------------------------------------------------- accuracy rules
-def ulp(dtype: torch.dtype, magnitude: float) -> float:
-    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(magnitude, 1e-30)))
-
-
-def _measure(x, ref):
-    x, ref = x.detach().float().cpu(), ref.detach().float().cpu()
-    x, ref = x.reshape(-1, x.shape[-1] if x.ndim else 1), ref.reshape(-1, ref.shape[-1] if ref.ndim else 1)
-    d = (x - ref).abs()
-    out = {"max": d.max().item(), "mean": d.mean().item(), "n": x.shape[0]}
-    if x.shape[-1] >= 2:
-        out["top1"] = (x.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    return out
-
-
 def accuracy_rows(check, dtype, tp, what, ours, theirs, ref, device):
-    """Rows for one comparison: float32 -> absolute tolerance against ``ref``; half -> the ratio rule."""
-    rows, name = [], str(dtype).replace("torch.", "")
-    m_ours = _measure(ours, ref)
-    scale = max(1.0, ref.detach().float().abs().max().item())
+    """Rows for one comparison: float32 -> absolute tolerance against ``ref``; half -> the project's
+    half-precision rule (``sglang_hf_bridge.accuracy``, the one the tests assert)."""
+    name = str(dtype).replace("torch.", "")
     if dtype == torch.float32:
-        limit = FP32_TOL[device] * scale
-        rows.append(row(check, name, tp, f"{what}: max abs err vs transformers", m_ours["max"], limit,
-                        m_ours["max"] <= limit))
-        return rows
-    m_theirs = _measure(theirs, ref)
-    slack = ulp(dtype, ref.detach().float().abs().max().item())
-    for key in ("max", "mean"):
-        limit = RATIO[key] * m_theirs[key] + slack
-        rows.append(row(check, name, tp, f"{what}: {key} abs err vs fp32 (transformers {m_theirs[key]:.2e})",
-                        m_ours[key], limit, m_ours[key] <= limit))
-    if "top1" in m_ours:
-        limit = m_theirs["top1"] - max(MARGIN, 1 / m_ours["n"])
-        rows.append(row(check, name, tp, f"{what}: top-1 agreement with fp32 (transformers {m_theirs['top1']:.3f})",
-                        m_ours["top1"], limit, m_ours["top1"] >= limit, higher_is_better=True))
-    return rows
+        err = measure(ours, ref)["max"]
+        limit = FP32_TOL[device] * max(1.0, ref.detach().float().abs().max().item())
+        return [row(check, name, tp, f"{what}: max abs err vs transformers", err, limit, err <= limit)]
+    bounds, _, _ = half_precision_bounds(ours, theirs, ref, dtype)
+    labels = {"max": "max abs err vs fp32", "mean": "mean abs err vs fp32", "top1": "top-1 agreement with fp32",
+              "top5": "top-5 overlap with fp32"}
+    return [row(check, name, tp, f"{what}: {labels[b.stat]} (transformers {b.theirs:.3g})", b.ours, b.limit, b.ok,
+                higher_is_better=b.higher_is_better) for b in bounds]
 
 
 def row(check, dtype, tp, metric, value, limit=None, ok=True, higher_is_better=False, **extra):
@@ -109,26 +87,13 @@ def row(check, dtype, tp, metric, value, limit=None, ok=True, higher_is_better=F
 
 
 # ---------------------------------------------------------------- the model under test
-def small_checkpoint() -> Path:
-    """A tiny random RoBERTa (hidden 64, 2 layers) with logits spread like a trained model's."""
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
-    path = Path(tempfile.mkdtemp(prefix="device-check-"))
-    config = RobertaConfig(vocab_size=50265, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=128, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
-                           bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, initializer_range=0.3)
-    torch.manual_seed(0)
-    RobertaForMaskedLM(config).save_pretrained(path)
-    return path
-
-
 class Context:
     def __init__(self, args):
         from transformers import AutoTokenizer
 
         self.args, self.device = args, args.device
         self.tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-        self.ckpt = small_checkpoint() if args.smoke else roberta_base_checkpoint()
+        self.ckpt = tiny_checkpoint() if args.smoke else roberta_base_checkpoint()
         self.enc = dict(self.tok(TEXTS, return_tensors="pt", padding=True))
         self.hf = {}
 

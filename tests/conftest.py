@@ -64,6 +64,27 @@ def build_checkpoint(directory: Path, family: str = "roberta", seed: int = 0, **
     return model
 
 
+SST2_K_SHOT = SHARED / "data" / "sst2" / "k-shot" / "16-42"
+
+
+def sst2_train_rows(n=None):
+    """The first ``n`` rows (all 32 by default) of the shared SST-2 k-shot training split."""
+    from sglang_hf_bridge.training import load_lmbff_tsv
+
+    rows = load_lmbff_tsv(SST2_K_SHOT / "train.tsv")
+    return rows[:n] if n else rows
+
+
+def mezo_setup(tmp_path_factory, tokenizer, name: str, n_rows: int):
+    """(checkpoint dir, HF model, SST-2 rows, default template, its label word ids) for MeZO tests."""
+    from sglang_hf_bridge.training import PromptTemplate
+
+    path = tmp_path_factory.mktemp(name)
+    hf = build_checkpoint(path, "roberta", seed=31)
+    template = PromptTemplate()
+    return path, hf, sst2_train_rows(n_rows), template, template.label_word_ids(tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     if not TOKENIZER_DIR.is_dir():

@@ -262,7 +262,7 @@ def test_caches_off_by_default(checkpoint):
 # ---- MeZO with the frozen-layer cache: the same trajectory ----------------------------------------
 @pytest.mark.parametrize("mode", ["lora-paired", "lora-sequential", "top-layers"])
 def test_mezo_trajectory_is_the_same_with_the_frozen_layer_cache(checkpoint, tokenizer, tmp_path, mode):
-    from conftest import SHARED
+    from conftest import sst2_train_rows
 
     from sglang_hf_bridge.engine.weights import hf_parameter_slices
     from sglang_hf_bridge.training import (
@@ -271,11 +271,10 @@ def test_mezo_trajectory_is_the_same_with_the_frozen_layer_cache(checkpoint, tok
         PromptClassifier,
         PromptCollator,
         PromptTemplate,
-        load_lmbff_tsv,
     )
 
     path, _, _, adapters = checkpoint
-    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:16]
+    rows = sst2_train_rows(16)
     template = PromptTemplate()
     finals, stats = {}, {}
     for cache in (True, False):

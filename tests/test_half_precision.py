@@ -9,7 +9,8 @@ loses no more accuracy than transformers does*. Every test here therefore comput
 - ``theirs``: transformers (or PEFT on transformers) in the same half dtype on the same weights,
 - ``ours``:   the engine in that dtype,
 
-and asserts, over the compared elements (``assert_as_accurate``):
+and asserts, over the compared elements (``assert_as_accurate``; the rule lives in
+``sglang_hf_bridge.accuracy``, shared with ``benchmarks/device_check.py``):
 
 1. ``mean|ours - ref| <= 1.5 * mean|theirs - ref| + ulp`` and ``max|ours - ref| <= 2 * max|theirs - ref|
    + ulp``, with ``ulp`` one unit in the last place of the half dtype at ``max|ref|``
@@ -51,7 +52,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 
 import pytest
@@ -61,56 +61,19 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import RobertaForMaskedLM, pipeline
 
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
+from sglang_hf_bridge.accuracy import MARGIN, PROBE_LABEL_WORDS, PROBE_TEXTS, half_precision_bounds, ulp
 
-RATIO = {"mean": 1.5, "max": 2.0}
-MARGIN = 0.05
 HALF = [torch.bfloat16, torch.float16]
-TEXTS = [
-    "The movie was <mask>.",
-    "A much longer sentence about a <mask> film that I watched yesterday with two friends.",
-    "Short <mask>",
-    "It was a dark and stormy <mask>, and the rain fell in torrents.",
-    "Paris is the <mask> of France.",
-    "I <mask> this.",
-]
-LABEL_WORDS = [372, 6587, 205, 1099]  # " great", " terrible", " good", " bad"
-
-
-def ulp(dtype: torch.dtype, magnitude: float) -> float:
-    """One unit in the last place of ``dtype`` at ``magnitude``."""
-    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(magnitude, 1e-30)))
-
-
-def measure(x: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Max / mean abs error of ``x`` against ``ref`` and (for a last dim >= 2) top-1 / top-5 agreement."""
-    x, ref = x.detach().float().reshape(-1, x.shape[-1]), ref.detach().float().reshape(-1, ref.shape[-1])
-    d = (x - ref).abs()
-    out = {"max": d.max().item(), "mean": d.mean().item(), "n": x.shape[0]}
-    if x.shape[-1] >= 2:
-        out["top1"] = (x.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    if x.shape[-1] >= 5:
-        a, b = x.topk(5).indices, ref.topk(5).indices
-        out["top5"] = sum(len(set(p.tolist()) & set(q.tolist())) for p, q in zip(a, b)) / (5 * x.shape[0])
-    return out
+TEXTS, LABEL_WORDS = PROBE_TEXTS, PROBE_LABEL_WORDS
 
 
 def assert_as_accurate(ours, theirs, ref, dtype, what=""):
-    """The rule of the module docstring: ours' error against fp32 <= RATIO[stat] x transformers' + 1 ulp,
-    agreement >= transformers' - max(MARGIN, 1/N). Returns both measurements."""
-    ours, theirs, ref = (torch.as_tensor(t) for t in (ours, theirs, ref))
-    if ref.ndim == 0:
-        ours, theirs, ref = ours.reshape(1, 1), theirs.reshape(1, 1), ref.reshape(1, 1)
-    m_ours, m_theirs = measure(ours, ref), measure(theirs, ref)
-    slack = ulp(dtype, ref.float().abs().max().item())
-    for key in ("max", "mean"):
-        assert m_ours[key] <= RATIO[key] * m_theirs[key] + slack, (
-            f"{what} {dtype}: {key} abs error {m_ours[key]:.3g} > {RATIO[key]} x transformers' {m_theirs[key]:.3g} "
-            f"+ {slack:.3g}")
-    margin = max(MARGIN, 1 / m_ours["n"])
-    for key in ("top1", "top5"):
-        if key in m_ours:
-            assert m_ours[key] >= m_theirs[key] - margin, (
-                f"{what} {dtype}: {key} agreement {m_ours[key]:.3f} < transformers' {m_theirs[key]:.3f} - {margin:.3f}")
+    """The rule of the module docstring (``sglang_hf_bridge.accuracy``); returns both measurements."""
+    bounds, m_ours, m_theirs = half_precision_bounds(ours, theirs, ref, dtype)
+    for b in bounds:
+        relation = ">=" if b.higher_is_better else "<="
+        assert b.ok, (f"{what} {dtype}: {b.stat} {b.ours:.3g} is not {relation} {b.limit:.3g} "
+                      f"(transformers' {b.theirs:.3g})")
     return m_ours, m_theirs
 
 

@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED, build_checkpoint, max_abs_diff
+from conftest import max_abs_diff, mezo_setup
 from peft import LoraConfig, get_peft_model
 
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
@@ -18,8 +18,6 @@ from sglang_hf_bridge.training import (
     MeZOTrainingArguments,
     PromptClassifier,
     PromptCollator,
-    PromptTemplate,
-    load_lmbff_tsv,
 )
 
 EPS, LR, WD, STEPS, SEED = 1e-3, 1e-3, 0.01, 3, 42
@@ -66,11 +64,7 @@ class RecordingMeZOTrainer(MeZOTrainer):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("mezo-ckpt")
-    hf = build_checkpoint(path, "roberta", seed=31)
-    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:24]
-    template = PromptTemplate()
-    return path, hf, rows, template, template.label_word_ids(tokenizer)
+    return mezo_setup(tmp_path_factory, tokenizer, "mezo-ckpt", 24)
 
 
 def _train(model, tokenizer, rows, template, label_ids, out, **extra):

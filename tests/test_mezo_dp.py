@@ -357,7 +357,7 @@ def test_objective_argument_is_validated_and_serialisable(tmp_path):
 
 def test_training_on_negative_accuracy_raises_accuracy(tmp_path, tokenizer):
     """MeZO needs only values: minimise -accuracy (piecewise constant, no gradient anywhere)."""
-    from conftest import SHARED, build_checkpoint
+    from conftest import build_checkpoint, sst2_train_rows
 
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
     from sglang_hf_bridge.training import (
@@ -366,7 +366,6 @@ def test_training_on_negative_accuracy_raises_accuracy(tmp_path, tokenizer):
         PromptClassifier,
         PromptCollator,
         PromptTemplate,
-        load_lmbff_tsv,
     )
 
     template = PromptTemplate()
@@ -375,7 +374,7 @@ def test_training_on_negative_accuracy_raises_accuracy(tmp_path, tokenizer):
     with torch.no_grad():  # no head bias between the two label words: start near the boundary
         hf.lm_head.bias[label_ids] = 0.0
     hf.save_pretrained(tmp_path / "ckpt")
-    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")  # 32 rows
+    rows = sst2_train_rows()  # 32 rows
     collator = PromptCollator(tokenizer, template)
     batch = collator(rows)
     with SGLangRobertaForMaskedLM.from_pretrained(tmp_path / "ckpt", enable_lora=False) as model:

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 import transformers
-from conftest import SHARED, build_checkpoint
+from conftest import mezo_setup
 from peft import LoraConfig, get_peft_model
 
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
@@ -19,8 +19,6 @@ from sglang_hf_bridge.training import (
     MeZOTrainingArguments,
     PromptClassifier,
     PromptCollator,
-    PromptTemplate,
-    load_lmbff_tsv,
 )
 
 STEPS = 3
@@ -28,11 +26,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("mezo-logs-ckpt")
-    hf = build_checkpoint(path, "roberta", seed=31)
-    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:16]
-    template = PromptTemplate()
-    return path, hf, rows, template, template.label_word_ids(tokenizer)
+    return mezo_setup(tmp_path_factory, tokenizer, "mezo-logs-ckpt", 16)
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ def test_second_engine_next_to_tp_engine_is_refused(tp_pair):
 def test_mezo_trajectory_equals_tp1_and_reference(tp_pair, tokenizer, tmp_path):
     """Last in this module: it trains the shared tp=2 model. z is drawn per HF/PEFT name at full
     shape and sliced per rank, so the trajectory does not depend on tp_size."""
-    from conftest import SHARED
+    from conftest import sst2_train_rows
     from test_mezo import EPS, LR, SEED, WD, RecordingMeZOTrainer, reference_mezo  # noqa: F401
 
     from sglang_hf_bridge.training import (
@@ -107,11 +107,10 @@ def test_mezo_trajectory_equals_tp1_and_reference(tp_pair, tokenizer, tmp_path):
         PromptClassifier,
         PromptCollator,
         PromptTemplate,
-        load_lmbff_tsv,
     )
 
     _, hf, model = tp_pair
-    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:16]
+    rows = sst2_train_rows(16)
     template = PromptTemplate()
     label_ids = template.label_word_ids(tokenizer)
     torch.manual_seed(3)

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments
 from ..engine import base_layer_of, hf_parameter_slices, min_layer_of, rank_copy_adapter
 from ..process import deferred_interrupts
 from . import distributed
-from .prompts import PromptClassifier
+from .prompts import PromptClassifier, float32_cross_entropy
 from .zo import EngineAdapterTarget, EngineWeightsTarget, TorchParametersTarget
 
 PLUS, MINUS = "__zo_plus__", "__zo_minus__"
@@ -71,14 +71,6 @@ def _objective_name(objective: Objective) -> str:
 def _items(labels: Optional[torch.Tensor], batch_size: int) -> int:
     """What the loss averages over: labelled items (transformers' -100 convention), else rows."""
     return int((labels != IGNORE_INDEX).sum()) if labels is not None else batch_size
-
-
-def float32_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labels != -100, computed in float32 whatever the logits' dtype. A
-    half-precision model's own loss is rounded to ~3 significant digits (bfloat16: steps of 2**-8
-    near 1), far coarser than l+ - l- at MeZO's eps, which then reads 0 or a multiple of that step."""
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
 
 
 def objective_sum(objective: Objective, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, int]:

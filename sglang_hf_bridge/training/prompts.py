@@ -56,6 +56,14 @@ class PromptCollator:
         return dict(enc)
 
 
+def float32_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100, computed in float32 whatever the logits' dtype. A
+    half-precision model's own loss is rounded to ~3 significant digits (bfloat16: steps of 2**-8
+    near 1), far coarser than l+ - l- at MeZO's eps, which then reads 0 or a multiple of that step."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100)
+
+
 class PromptClassifier(nn.Module):
     """Label-word logits at the mask + cross-entropy; works on the engine model and on HF's."""
 
@@ -88,9 +96,7 @@ class PromptClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, adapter_names=None, **_):
         logits = self.label_logits(input_ids, attention_mask, adapter_names)
-        # float32 loss from half-precision logits: a bfloat16 loss has ~3 digits, so MeZO's l+ - l-
-        # would come out as 0 or a multiple of 2**-8 (tests/test_mezo_half.py).
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = float32_cross_entropy(logits, labels) if labels is not None else None
         return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
 
     def save_pretrained(self, directory, **kwargs):
