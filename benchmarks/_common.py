@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -16,9 +17,10 @@ from typing import Callable, Dict, List
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SGLANG_HF_BRIDGE_SHARED", REPO.parent / "shared"))
-TOKENIZER_DIR = SHARED / "tokenizers" / "roberta-base-tokenizer"
-SST2_TEST = SHARED / "data" / "sst2" / "k-shot" / "16-42" / "test.tsv"
+DATA = Path(os.environ.get("SGLANG_HF_BRIDGE_DATA", REPO / "data"))
+TOKENIZER_DIR = DATA / "tokenizers" / "roberta-base"
+SST2_SPLITS = DATA / "sst2" / "k-shot"
+SST2_TEST = SST2_SPLITS / "16-42" / "test.tsv"
 TEMPLATE = "{sentence} It was <mask>."
 
 
@@ -44,6 +46,14 @@ def roberta_base_checkpoint(seed: int = 0) -> Path:
         config = RobertaConfig.from_pretrained(str(TOKENIZER_DIR))
         torch.manual_seed(seed)
         RobertaForMaskedLM(config).save_pretrained(path)
+    return with_tokenizer_files(path)
+
+
+def with_tokenizer_files(path: Path) -> Path:
+    """The RoBERTa tokenizer's files beside a checkpoint, as published ones carry them (the mask id)."""
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
+        if not (path / name).exists():
+            shutil.copyfile(TOKENIZER_DIR / name, path / name)
     return path
 
 
@@ -60,7 +70,7 @@ def tiny_checkpoint() -> Path:
                                bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, initializer_range=0.3)
         torch.manual_seed(0)
         RobertaForMaskedLM(config).save_pretrained(path)
-    return path
+    return with_tokenizer_files(path)
 
 
 def time_it(fn: Callable[[], object], repeats: int = 1, warmup: int = 1) -> float:

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, TOKENIZER_DIR, report, roberta_base_checkpoint  # noqa: E402
+from _common import REPO, SST2_SPLITS, TOKENIZER_DIR, report, roberta_base_checkpoint  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["query", "value"], layers_to_transform=[10, 11])
-SPLIT = SHARED / "data" / "sst2" / "k-shot" / "512-42"
+SPLIT = SST2_SPLITS / "512-42"
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, TOKENIZER_DIR, report, roberta_base_checkpoint  # noqa: E402
+from _common import REPO, SST2_SPLITS, TOKENIZER_DIR, report, roberta_base_checkpoint  # noqa: E402
 
 CASES = {
     "a": "MeZO step, transformers (reference way: mask-only LM head)",
@@ -56,7 +56,7 @@ def run_case(case: str, steps: int) -> dict:
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     template = PromptTemplate()
     label_ids = template.label_word_ids(tok)
-    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "512-42" / "train.tsv")[:64]
+    rows = load_lmbff_tsv(SST2_SPLITS / "512-42" / "train.tsv")[:64]
     batch = PromptCollator(tok, template)(rows)
     ckpt = roberta_base_checkpoint()
     times = []

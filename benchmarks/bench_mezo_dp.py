@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, TOKENIZER_DIR, report, roberta_base_checkpoint, tiny_checkpoint  # noqa: E402
+from _common import REPO, SST2_SPLITS, TOKENIZER_DIR, report, roberta_base_checkpoint, tiny_checkpoint  # noqa: E402
 
 # kind-mode-processes; "1x1": one process with one thread (torchrun gives each of N > 1 processes one)
 CASES = [("mezo", "full", "1"), ("mezo", "full", "1x1"), ("mezo", "full", "2"), ("mezo", "lora", "1"),
@@ -66,7 +66,7 @@ def worker(kind: str, mode: str, ckpt: str, steps: int, global_batch: int, out: 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     template = PromptTemplate()
-    rows = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "512-42" / "train.tsv")
+    rows = load_lmbff_tsv(SST2_SPLITS / "512-42" / "train.tsv")
     rows = rows[: global_batch * (steps + WARMUP_STEPS)]
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=global_batch // world,
                   max_steps=steps + WARMUP_STEPS, save_strategy="no", logging_strategy="no", report_to=[],

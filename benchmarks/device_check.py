@@ -49,7 +49,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
-    SHARED,
+    SST2_SPLITS,
     TOKENIZER_DIR,
     environment,
     prompts,
@@ -197,7 +197,7 @@ def check_mezo(ctx):
 
     template = PromptTemplate()
     label_ids = template.label_word_ids(ctx.tok)
-    rows_ = load_lmbff_tsv(SHARED / "data" / "sst2" / "k-shot" / "16-42" / "train.tsv")[:16]
+    rows_ = load_lmbff_tsv(SST2_SPLITS / "16-42" / "train.tsv")[:16]
 
     def train(model, out):
         args = MeZOTrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=2, learning_rate=1e-3,

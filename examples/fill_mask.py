@@ -3,8 +3,8 @@
     python examples/fill_mask.py                       # small random-weight model built locally
     python examples/fill_mask.py --model PATH          # any local RoBERTa / XLM-R / CamemBERT MLM
 
-Without --model the script builds a small random-weight RoBERTa from the shared roberta-base
-config (so the predictions are nonsense words, but it runs anywhere in well under a minute) and
+Without --model the script builds a small random-weight RoBERTa from the roberta-base config
+in data/ (so the predictions are nonsense words, but it runs anywhere in well under a minute) and
 checks that the answers equal transformers' own model on the same weights.
 """
 
@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SGLANG_HF_BRIDGE_SHARED", REPO.parent / "shared"))
-DEFAULT_TOKENIZER = SHARED / "tokenizers" / "roberta-base-tokenizer"
+DATA = Path(os.environ.get("SGLANG_HF_BRIDGE_DATA", REPO / "data"))
+TOKENIZER_DIR = DATA / "tokenizers" / "roberta-base"
+DEFAULT_TOKENIZER = TOKENIZER_DIR
 SENTENCES = [
     "The movie was <mask>.",
     "Paris is the <mask> of France.",
@@ -43,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="local masked-LM checkpoint directory")
     ap.add_argument("--tokenizer", type=Path,
-                    help="tokenizer directory (default: --model, else the shared RoBERTa tokenizer)")
+                    help="tokenizer directory (default: --model, else the RoBERTa tokenizer in data/)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--no-compare", action="store_true", help="skip the check against transformers' own model")

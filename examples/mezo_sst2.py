@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SGLANG_HF_BRIDGE_SHARED", REPO.parent / "shared"))
+DATA = Path(os.environ.get("SGLANG_HF_BRIDGE_DATA", REPO / "data"))
+SST2_SPLITS = DATA / "sst2" / "k-shot"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -93,7 +94,9 @@ def main() -> None:
                     help="do not cache the states entering the lowest trained layer (engine only)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test sentences (0 = all)")
-    ap.add_argument("--split", default="512-42")
+    ap.add_argument("--split", default="512-42",
+                    help="an LM-BFF k-shot split: 512-42 or 16-42 (shipped in data/sst2/k-shot) or a "
+                         "directory with train.tsv and test.tsv")
     ap.add_argument("--time-budget", type=float, default=1e9, help="stop each method after this many training seconds")
     ap.add_argument("--baselines", action="store_true",
                     help="also MeZO on plain transformers (same seeds) and backprop")
@@ -126,7 +129,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     template = PromptTemplate("{sentence} it was {mask} .", ("terrible", "great"))
     label_ids = template.label_word_ids(tok)
-    data = SHARED / "data" / "sst2" / "k-shot" / a.split
+    data = Path(a.split) if Path(a.split).is_dir() else SST2_SPLITS / a.split
     train_rows, test_rows = load_lmbff_tsv(data / "train.tsv"), load_lmbff_tsv(data / "test.tsv")
     if a.eval_limit:
         test_rows = test_rows[: a.eval_limit]

@@ -11,16 +11,17 @@ belongs to neither.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,7 @@ def locate_checkpoint(path, use_safetensors: Optional[bool] = None) -> Checkpoin
         raise CheckpointError(f"checkpoint path must be a local directory path, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(
-            f"checkpoint directory {path!r} does not exist (this bridge loads local directories only; "
-            "download the model with huggingface_hub first)"
-        )
+        raise CheckpointNotFoundError(f"checkpoint directory {path!r} does not exist")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint path {path!r} is not a directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -86,10 +84,11 @@ def _weight_files(path: str, fmt: str) -> List[str]:
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
+        for shard in shards:  # plain file names: the HF cache's snapshot files are links into blobs/
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"shard {shard!r} listed in {index_name} lies outside the checkpoint")
         files = [os.path.join(path, s) for s in shards]
         for f in files:
-            if os.path.dirname(os.path.realpath(f)) != os.path.realpath(path):
-                raise CheckpointError(f"shard {f!r} listed in {index_name} lies outside the checkpoint")
             if not os.path.isfile(f):
                 raise CheckpointError(f"shard {f!r} listed in {index_name} is missing")
         return files
@@ -123,42 +122,47 @@ def refuse_remote_code(data: Dict[str, Any], where: str) -> None:
         )
 
 
-def read_config(path: str):
+def read_config(path: str, config_class=None):
     """The transformers config at ``path`` (a directory or a config.json), read with
-    ``trust_remote_code=False`` after :func:`refuse_remote_code` and a ``model_type`` check: no
-    prompt, no import from the directory."""
+    ``trust_remote_code=False`` after :func:`refuse_remote_code`: no prompt, no import from the
+    directory. A config without ``model_type`` (written by transformers 2.x/3.x) is read as
+    ``config_class``'s family, as ``BertForMaskedLM.from_pretrained`` reads it."""
     from transformers import AutoConfig
 
     data = read_config_dict(path)
     refuse_remote_code(data, path)
     model_type = data.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type is None and config_class is not None:
+        reader = config_class
+    elif model_type in SUPPORTED_MODEL_TYPES:
+        reader = AutoConfig
+    elif model_type is None:
+        raise CheckpointError(f"{path!r}: config.json has no model_type; load it with the family's class "
+                              "(SGLangBertForMaskedLM, SGLangRobertaForMaskedLM, ...)")
+    else:
         raise CheckpointError(
-            f"model_type {model_type!r} is not supported; expected one of {sorted(SUPPORTED_MODEL_TYPES)}"
-        )
+            f"model_type {model_type!r} is not supported; expected one of {sorted(SUPPORTED_MODEL_TYPES)}")
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return reader.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - re-raise with the path named
         raise CheckpointError(f"cannot read the config in {path!r}: {e}") from e
 
 
 def validate_masked_lm_config(config) -> None:
-    """Raise CheckpointError unless ``config`` is a supported masked-LM config."""
+    """Raise CheckpointError unless ``config`` is of a supported family. ``architectures`` is not
+    read: owners name their own classes there, and transformers decides the head by the tensors
+    present (:func:`require_masked_lm_head`)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"model_type {model_type!r} is not supported; expected one of {sorted(SUPPORTED_MODEL_TYPES)}"
         )
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
-        raise CheckpointError(
-            f"checkpoint architectures {archs} contain no masked-LM head (expected *ForMaskedLM)"
-            + (NEUTRAL_HEAD_HINT if model_type == "bert" else "")
-        )
 
 
-def iter_checkpoint_tensors(files: CheckpointFiles, progress: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every tensor, one shard at a time."""
+def iter_checkpoint_tensors(files: CheckpointFiles, progress: bool = False,
+                            skip: Iterable[str] = ()) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor not in ``skip``, one shard at a time."""
+    skip = frozenset(skip)
     shards = files.weight_files
     if progress and len(shards) > 1:
         from transformers.utils.logging import tqdm
@@ -166,14 +170,48 @@ def iter_checkpoint_tensors(files: CheckpointFiles, progress: bool = False) -> I
         shards = tqdm(shards, desc="Loading checkpoint shards")
     for shard in shards:
         if files.format == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(shard, framework="pt", device="cpu") as f:
+            with _open_safetensors(shard) as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if name not in skip:
+                        yield name, _read_tensor(f, name, shard)
         else:
             for name, tensor in load_bin(shard).items():
-                yield name, tensor
+                if name not in skip:
+                    yield name, tensor
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+    """``safe_open`` whose failures (empty, truncated, corrupt header) name the file."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError / OSError: name the file
+        raise CheckpointError(f"cannot read {path!r} as safetensors (empty, truncated or corrupt?): {e}") from e
+    with handle as f:
+        yield f
+
+
+def _read_tensor(f, name: str, path: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - name the file and the tensor
+        raise CheckpointError(f"cannot read tensor {name!r} from {path!r}: {e}") from e
+
+
+def checkpoint_tensor_shapes(files: CheckpointFiles) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor, from the safetensors headers (no data read) or the ``.bin``
+    state dicts (memory-mapped where torch's zip format allows)."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for shard in files.weight_files:
+        if files.format == "safetensors":
+            with _open_safetensors(shard) as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        else:
+            shapes.update((name, tuple(t.shape)) for name, t in load_bin(shard).items())
+    return shapes
 
 
 def load_bin(path: str) -> Dict[str, torch.Tensor]:
@@ -190,15 +228,7 @@ def load_bin(path: str) -> Dict[str, torch.Tensor]:
 
 
 def checkpoint_tensor_names(files: CheckpointFiles) -> List[str]:
-    if files.format == "safetensors":
-        from safetensors import safe_open
-
-        names = []
-        for shard in files.weight_files:
-            with safe_open(shard, framework="pt", device="cpu") as f:
-                names.extend(f.keys())
-        return names
-    return [n for n, _ in iter_checkpoint_tensors(files)]
+    return list(checkpoint_tensor_shapes(files))
 
 
 def require_masked_lm_head(names: List[str], path: str, config) -> None:

@@ -10,6 +10,7 @@ __all__ = [
     "AdapterError",
     "AdapterFileError",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "EngineClosedError",
     "InferenceOnlyError",
     "InputValidationError",
@@ -24,6 +25,11 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """The directory is missing, unreadable, or not a supported masked-LM checkpoint."""
+
+
+class CheckpointNotFoundError(CheckpointError, OSError):
+    """Neither a local directory nor a Hub id found in the cache or on the Hub; an ``OSError`` too,
+    as transformers raises for an id it cannot resolve."""
 
 
 class InputValidationError(ValueError):

@@ -4,6 +4,7 @@ back both by transformers (the oracle) and by the SGLang-backed model under test
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ from transformers import (
 import sglang_hf_bridge  # noqa: F401  (configures SGLang before anything imports it)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SGLANG_HF_BRIDGE_SHARED", REPO.parent / "shared"))
-TOKENIZER_DIR = SHARED / "tokenizers" / "roberta-base-tokenizer"
+DATA = Path(os.environ.get("SGLANG_HF_BRIDGE_DATA", REPO / "data"))
+TOKENIZER_DIR = DATA / "tokenizers" / "roberta-base"
 
 FAMILIES = {
     "roberta": (RobertaConfig, RobertaForMaskedLM),
@@ -61,14 +62,23 @@ def build_checkpoint(directory: Path, family: str = "roberta", seed: int = 0, **
             if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(directory)
+    if model.config.vocab_size == 50265:  # the real vocabulary: its tokenizer files travel along, as published
+        save_tokenizer_files(directory)
     return model
 
 
-SST2_K_SHOT = SHARED / "data" / "sst2" / "k-shot" / "16-42"
+def save_tokenizer_files(directory) -> None:
+    """The RoBERTa tokenizer's files beside a checkpoint (where from_pretrained reads the mask token)."""
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copyfile(TOKENIZER_DIR / name, Path(directory) / name)
+
+
+SST2_SPLITS = DATA / "sst2" / "k-shot"  # LM-BFF k-shot splits shipped: 16-42, 512-42
+SST2_K_SHOT = SST2_SPLITS / "16-42"
 
 
 def sst2_train_rows(n=None):
-    """The first ``n`` rows (all 32 by default) of the shared SST-2 k-shot training split."""
+    """The first ``n`` rows (all 32 by default) of the SST-2 k-shot training split in data/."""
     from sglang_hf_bridge.training import load_lmbff_tsv
 
     rows = load_lmbff_tsv(SST2_K_SHOT / "train.tsv")
@@ -88,7 +98,7 @@ def mezo_setup(tmp_path_factory, tokenizer, name: str, n_rows: int):
 @pytest.fixture(scope="session")
 def tokenizer():
     if not TOKENIZER_DIR.is_dir():
-        pytest.fail(f"shared tokenizer not found at {TOKENIZER_DIR}")
+        pytest.fail(f"RoBERTa tokenizer not found at {TOKENIZER_DIR}")
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 

@@ -106,17 +106,27 @@ def test_no_weight_files(tmp_path):
         SGLangRobertaForMaskedLM.from_pretrained(tmp_path)
 
 
-def test_missing_tensor_is_reported_and_nothing_leaks(tmp_path):
+def test_missing_tensor_is_reported_and_nothing_leaks(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
+
+    from sglang_hf_bridge.sglang_models.roberta_mlm import SGLangBridgeRobertaForMaskedLM
 
     build_checkpoint(tmp_path, "roberta")
     state = load_file(tmp_path / "model.safetensors")
     del state["roberta.encoder.layer.1.output.dense.weight"]
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="missing tensors for: layers.1.mlp.down_proj.weight"):
-        SGLangRobertaForMaskedLM.from_pretrained(tmp_path)
-    # the failed load released the engine: a good load still works afterwards
+    with pytest.raises(ValueError, match="lacks 1 tensor.*roberta.encoder.layer.1.output.dense.weight"):
+        SGLangRobertaForMaskedLM.from_pretrained(tmp_path)  # refused before any engine starts
+    # a load that fails inside the started engine releases it: a good load still works afterwards
     build_checkpoint(tmp_path, "roberta")
+
+    def fail(self, weights):
+        raise OSError("disk read failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(SGLangBridgeRobertaForMaskedLM, "load_weights", fail)
+        with pytest.raises(OSError, match="disk read failed"):
+            SGLangRobertaForMaskedLM.from_pretrained(tmp_path)
     with SGLangRobertaForMaskedLM.from_pretrained(tmp_path) as m:
         assert m(torch.tensor([[0, 5, 2]])).logits.shape == (1, 3, 50265)
 

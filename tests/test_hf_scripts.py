@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, TOKENIZER_DIR, build_checkpoint
+from conftest import SST2_K_SHOT, TOKENIZER_DIR, build_checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
@@ -30,7 +30,7 @@ from sglang_hf_bridge.training import MeZOTrainer, MeZOTrainingArguments, load_l
 datasets = pytest.importorskip("datasets")
 
 SEED = 42
-SST2 = SHARED / "data" / "sst2" / "k-shot" / "16-42"
+SST2 = SST2_K_SHOT
 
 
 class RecordingCollator:
@@ -188,7 +188,7 @@ def same_batches(a: RecordingCollator, b: RecordingCollator) -> None:
 @pytest.fixture(scope="module")
 def script_setup(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("run-mlm-ckpt")
-    build_checkpoint(path, "roberta", seed=7)  # vocab_size=50265 covers the shared tokenizer
+    build_checkpoint(path, "roberta", seed=7)  # vocab_size=50265 covers the RoBERTa tokenizer
     tokenizer.save_pretrained(path)
     train = [r["sentence"] for r in load_lmbff_tsv(SST2 / "train.tsv")][:16]
     evals = [r["sentence"] for r in load_lmbff_tsv(SST2 / "dev.tsv")][:24]

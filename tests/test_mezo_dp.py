@@ -42,11 +42,11 @@ DROPPED = {3, 13, 14, 15}  # positions in the global batch of 16 that "uneven" d
 
 
 def _rows(n: int = 48):
-    from conftest import SHARED
+    from conftest import SST2_K_SHOT
 
     from sglang_hf_bridge.training import load_lmbff_tsv
 
-    k_shot = SHARED / "data" / "sst2" / "k-shot" / "16-42"
+    k_shot = SST2_K_SHOT
     rows = load_lmbff_tsv(k_shot / "train.tsv") + load_lmbff_tsv(k_shot / "dev.tsv")
     return [dict(r, idx=i) for i, r in enumerate(rows[:n])]
 

@@ -2,7 +2,7 @@
 frozen-layer activation cache, applied to each :class:`EncoderCall` before the engine sees it.
 
 Only reuse that reproduces the uncached answer is done -- never a cached *prefix* (wrong for a
-bidirectional encoder; ``../shared/docs/sglang-0.5.23-notes.md``). What "the same answer" means:
+bidirectional encoder; ``docs/caching.md``). What "the same answer" means:
 
 * result-cache hits return the stored tensors of an earlier, identical computation; a row's
   values can differ from a fresh run by float round-off only because the fresh run's batch is

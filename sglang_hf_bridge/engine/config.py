@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .. import compat
 
@@ -48,6 +51,15 @@ class EngineConfig:
 
     model_path: str
     architecture: str
+    # The checkpoint as the face resolved it (a local directory or a Hub snapshot): every rank reads
+    # these files, skipping ``skip_tensors`` (tensors the model does not use).
+    weight_files: Tuple[str, ...] = ()
+    weight_format: str = "safetensors"
+    skip_tensors: Tuple[str, ...] = ()
+    # The model's config as SGLang must read it (model_type set, architectures = the engine class):
+    # each rank writes it to a private directory for SGLang, so old configs and owners' class names
+    # in the checkpoint's own config.json never reach SGLang.
+    hf_config: Dict[str, Any] = field(default_factory=dict)
     # ``module.qualname`` of the SGLang-side model class (imported by every rank when it starts).
     model_class: str = DEFAULT_MODEL_CLASS
     device: str = "cpu"
@@ -84,9 +96,9 @@ class EngineConfig:
             return self.attention_backend
         return "torch_native" if self.device == "cpu" else "triton"
 
-    def server_args_kwargs(self, dist_port: int) -> Dict[str, Any]:
+    def server_args_kwargs(self, dist_port: int, model_path: Optional[str] = None) -> Dict[str, Any]:
         kwargs: Dict[str, Any] = dict(
-            model_path=self.model_path,
+            model_path=model_path or self.model_path,
             device=self.device,
             dtype=self.dtype,
             tp_size=self.tp_size,
@@ -114,3 +126,15 @@ class EngineConfig:
             kwargs.update(compat.cpu_server_args())
         kwargs.update(self.engine_options)
         return kwargs
+
+
+def write_engine_config_dir(config: EngineConfig) -> Optional[str]:
+    """A fresh private directory holding ``config.hf_config`` as config.json (what SGLang reads at
+    start-up), or None when the config carries none (SGLang then reads ``model_path``). The caller
+    removes it once the ModelRunner is built."""
+    if not config.hf_config:
+        return None
+    directory = tempfile.mkdtemp(prefix="sglang-hf-bridge-config-")
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config.hf_config, f)
+    return directory

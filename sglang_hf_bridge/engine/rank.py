@@ -8,6 +8,7 @@ of other ranks: callers hand it an :class:`~.types.EncoderCall` whose caching th
 
 from __future__ import annotations
 
+import shutil
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -16,7 +17,7 @@ from .. import compat
 from ..errors import EngineClosedError
 from ..process import deferred_interrupts, free_local_port, resolve_qualified_name
 from .adapters import AdapterPool
-from .config import EngineConfig
+from .config import EngineConfig, write_engine_config_dir
 from .frozen_cache import FrozenStateStore
 from .scheduler import plan_chunks
 from .types import (
@@ -58,19 +59,31 @@ class RankEngine:
         return self.model_runner
 
     def start(self, weights: WeightIterator) -> "RankEngine":
-        from sglang.srt.configs.model_config import ModelConfig
-        from sglang.srt.distributed import bootstrap
-        from sglang.srt.model_executor.model_runner import ModelRunner
         from sglang.srt.models.registry import ModelRegistry
-        from sglang.srt.runtime_context import SpawnRanks, publish
-        from sglang.srt.server_args import ServerArgs
 
         cfg = self.config
         compat.prepare_process(cfg.device)
         compat.check_parallel_runtime_available(cfg.device, cfg.tp_size)  # before publish() touches globals
         ModelRegistry.models[cfg.architecture] = resolve_qualified_name(cfg.model_class)
         port = self.dist_port or free_local_port()
-        server_args = ServerArgs(**cfg.server_args_kwargs(port))
+        config_dir = write_engine_config_dir(cfg)
+        try:
+            self._start_runner(cfg, port, config_dir)
+        finally:
+            if config_dir is not None:
+                shutil.rmtree(config_dir, ignore_errors=True)
+        self.load_weights(weights)
+        self.initial_pool_stats = self.pool_stats()
+        return self
+
+    def _start_runner(self, cfg: EngineConfig, port: int, config_dir: Optional[str]) -> None:
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.distributed import bootstrap
+        from sglang.srt.model_executor.model_runner import ModelRunner
+        from sglang.srt.runtime_context import SpawnRanks, publish
+        from sglang.srt.server_args import ServerArgs
+
+        server_args = ServerArgs(**cfg.server_args_kwargs(port, model_path=config_dir))
         local_rank = self.rank % cfg.ranks_per_node  # device / core slot on this node
         publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=self.rank, gpu_id=local_rank))
         compat.init_process_global_configs()
@@ -91,9 +104,6 @@ class RankEngine:
             compat.release_unread_kv_memory(mr)
         self.model_runner = mr
         self.model = mr.model
-        self.load_weights(weights)
-        self.initial_pool_stats = self.pool_stats()
-        return self
 
     def load_weights(self, weights: WeightIterator) -> None:
         """Load HF-named tensors; every engine parameter must be filled."""

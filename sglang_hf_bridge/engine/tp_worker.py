@@ -78,19 +78,24 @@ def _serve(config: EngineConfig, rank: int, dist_port: int, conn, rendezvous) ->
     config = dataclasses.replace(config, node_rank=rank // config.ranks_per_node)
     try:
         from sglang_hf_bridge import compat, log_control
-        from sglang_hf_bridge.checkpoint import iter_checkpoint_tensors, locate_checkpoint
+        from sglang_hf_bridge.checkpoint import CheckpointFiles, iter_checkpoint_tensors, locate_checkpoint
 
         compat.configure_sglang_environment()
         if config.device == "cpu":
             os.environ.update(compat.cpu_tensor_parallel_environment(config.tp_size))
         compat.register_rendezvous(dist_port, rendezvous)
-        checkpoint = locate_checkpoint(config.model_path)
+        # The files rank 0 resolved (the same Hub snapshot); a config without them reads model_path.
+        checkpoint = (CheckpointFiles(config.model_path, list(config.weight_files), config.weight_format)
+                      if config.weight_files else locate_checkpoint(config.model_path))
+        missing = [f for f in checkpoint.weight_files if not os.path.isfile(f)]
+        if missing:  # fail before the ranks meet, not at the first read after the rendezvous
+            raise FileNotFoundError(f"rank {rank} cannot see the checkpoint files rank 0 resolved: {missing[:3]}")
         with log_control.quiet_sglang():
             import sglang.srt.model_executor.model_runner  # noqa: F401 - the long import, before the ranks meet
 
             send_message(conn, ("prepared", None))
             engine: Optional[RankEngine] = RankEngine(config, rank=rank, dist_port=dist_port)
-            engine.start(iter_checkpoint_tensors(checkpoint))
+            engine.start(iter_checkpoint_tensors(checkpoint, skip=config.skip_tensors))
             warm_up_then_bound_collectives(engine)
         send_message(conn, ("ready", None))
     except BaseException:  # noqa: BLE001 - report to rank 0, then exit

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ..errors import AdapterError, PeftWrappingError, UnsupportedAdapterError
+from ..hub import hub_options, resolve_adapter_directory
 from ..lora.config import AdapterSpec, resolve_adapter_spec
 from ..lora.files import read_adapter_dir, write_adapter_dir
 from ..lora.init import init_adapter_weights
@@ -23,6 +24,7 @@ from ..lora.names import engine_key_to_peft, hf_prefix, peft_key_to_engine
 from ..process import deferred_interrupts
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
+SCRATCH_PREFIX = "__zo_"  # MeZOTrainer's scratch adapters (freed when train() ends)
 _STATE_INIT = threading.Lock()
 
 PEFT_WRAPPING_MESSAGE = (
@@ -78,27 +80,35 @@ class SGLangAdapterMixin:
     # ------------------------------------------------------------------ loading
     def load_adapter(self, peft_model_id=None, adapter_name: Optional[str] = None, *, adapter_state_dict=None,
                      peft_config=None, **kwargs) -> None:
-        """Load a PEFT LoRA adapter directory (or ``adapter_state_dict`` + ``peft_config``)
-        onto the engine and make it the active adapter."""
-        adapter_name = adapter_name or "default"
+        """Load a PEFT LoRA adapter -- a local directory or a Hub id (``revision=``, ``subfolder=``,
+        ``cache_dir=``, ``token=``, ``local_files_only=``, also inside ``adapter_kwargs``) -- or
+        ``adapter_state_dict`` + ``peft_config`` onto the engine and make it the active adapter."""
+        adapter_name = check_adapter_name(adapter_name)
         self._check_new_name(adapter_name)  # early, before reading files; checked again under the lock
         if adapter_state_dict is not None:
             if peft_config is None:
                 raise UnsupportedAdapterError("adapter_state_dict needs peft_config")
             config, state = peft_config, adapter_state_dict
-        else:
-            config, state = read_adapter_dir(peft_model_id)
+        else:  # a local directory or a Hub id, resolved as PEFT resolves it
+            lookup = {**(kwargs.get("adapter_kwargs") or {}), **kwargs}
+            directory = resolve_adapter_directory(peft_model_id, subfolder=lookup.get("subfolder"),
+                                                  **hub_options(lookup))
+            config, state = read_adapter_dir(directory)
         spec = resolve_adapter_spec(config, self.config, self._max_lora_rank())
         weights = _state_to_engine(state, spec)
         self._register(adapter_name, config, spec, weights)
 
     def add_adapter(self, adapter_config, adapter_name: Optional[str] = None) -> None:
         """A fresh adapter initialised as PEFT does (B = 0 unless ``init_lora_weights=False``)."""
-        adapter_name = adapter_name or "default"
+        self._add_adapter(adapter_config, check_adapter_name(adapter_name))
+
+    def _add_adapter(self, adapter_config, adapter_name: str, activate: bool = True) -> None:
+        """``add_adapter`` without the public name rules: MeZOTrainer's reserved scratch names,
+        added without becoming active."""
         self._check_new_name(adapter_name)
         spec = resolve_adapter_spec(adapter_config, self.config, self._max_lora_rank())
         weights = init_adapter_weights(spec, adapter_config.init_lora_weights, self.config)
-        self._register(adapter_name, copy.deepcopy(adapter_config), spec, weights)
+        self._register(adapter_name, copy.deepcopy(adapter_config), spec, weights, activate)
 
     def _max_lora_rank(self) -> int:
         lora = self.runtime.config.lora
@@ -113,20 +123,31 @@ class SGLangAdapterMixin:
             raise ValueError(f"an adapter named {name!r} is already loaded; delete_adapter it first")
         self._max_lora_rank()
 
-    def _register(self, name, config, spec, weights) -> None:
-        with self._adapter_lock(), deferred_interrupts():
-            self._check_new_name(name)
-            state = self._adapter_state()
-            before = (self._bridge_active, self._bridge_enabled)
-            engine = self.runtime.load_adapter(name, weights, spec.rank, spec.scaling)
-            try:
-                state[name] = LoadedAdapter(name, engine.lora_id, config, spec)
-                self._bridge_active, self._bridge_enabled = name, True
-            except BaseException:
-                state.pop(name, None)
-                self._bridge_active, self._bridge_enabled = before
-                self.runtime.discard_adapter(engine.lora_id)
+    def _register(self, name, config, spec, weights, activate: bool = True) -> None:
+        done = False
+        try:
+            with self._adapter_lock(), deferred_interrupts():
+                self._check_new_name(name)
+                state = self._adapter_state()
+                before = (self._bridge_active, self._bridge_enabled)
+                engine = self.runtime.load_adapter(name, weights, spec.rank, spec.scaling)
+                try:
+                    state[name] = LoadedAdapter(name, engine.lora_id, config, spec)
+                    if activate:
+                        self._bridge_active, self._bridge_enabled = name, True
+                except BaseException:
+                    state.pop(name, None)
+                    self._bridge_active, self._bridge_enabled = before
+                    self.runtime.discard_adapter(engine.lora_id)
+                    raise
+                done = True
+        except KeyboardInterrupt:
+            if not done:
                 raise
+            # Ctrl-C held back until the load was whole: say so, or a retry fails with "already loaded".
+            raise KeyboardInterrupt(
+                f"interrupted after adapter {name!r} finished loading: it is loaded"
+                + (" and active" if activate else "") + f"; model.delete_adapter({name!r}) undoes it") from None
 
     # ------------------------------------------------------------------ selection
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
@@ -163,20 +184,29 @@ class SGLangAdapterMixin:
         """Unload adapters. Once an unload has begun it is completed (rolled forward) even when
         interrupted, so the engine and the adapter table never disagree."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        with self._adapter_lock(), deferred_interrupts():
-            state = self._adapter_state()
-            for name in names:
-                if name not in state:
-                    raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
-            for name in names:
-                lora_id = state[name].lora_id
-                try:
-                    self.runtime.unload_adapter(lora_id)
-                finally:
-                    state.pop(name, None)
-                    if self._bridge_active == name:
-                        self._bridge_active = next(iter(state), None)
-                    self.runtime.discard_adapter(lora_id)  # a no-op after a complete unload
+        done = False
+        try:
+            with self._adapter_lock(), deferred_interrupts():
+                state = self._adapter_state()
+                for name in names:
+                    if name not in state:
+                        raise ValueError(f"no adapter named {name!r}; loaded: {sorted(state)}")
+                for name in names:
+                    lora_id = state[name].lora_id
+                    try:
+                        self.runtime.unload_adapter(lora_id)
+                    finally:
+                        state.pop(name, None)
+                        if self._bridge_active == name:
+                            self._bridge_active = next(iter(state), None)
+                        self.runtime.discard_adapter(lora_id)  # a no-op after a complete unload
+                done = True
+        except KeyboardInterrupt:
+            if not done:
+                raise
+            raise KeyboardInterrupt(
+                f"interrupted after deleting adapter(s) {names}: the delete completed, they are no longer "
+                "loaded") from None
 
     @property
     def peft_config(self) -> Dict[str, object]:
@@ -216,12 +246,17 @@ class SGLangAdapterMixin:
 
     def save_adapter(self, save_directory, adapter_name: Optional[str] = None) -> None:
         """Write one adapter in PEFT format; ``peft.PeftModel.from_pretrained(hf_model, dir)``
-        loads it back on plain transformers."""
+        loads it back on plain transformers. Atomic: the directory holds the old adapter or the
+        new one, whole, even if this process is killed mid-save; its other files are kept."""
+        write_adapter_dir(save_directory, *self._adapter_for_saving(adapter_name))
+
+    def _adapter_for_saving(self, adapter_name: Optional[str] = None):
+        """``(PEFT config, PEFT-named state dict)`` as ``save_adapter`` writes them."""
         adapter = self._get_adapter(adapter_name)
         config = copy.deepcopy(adapter.peft_config)
         config.base_model_name_or_path = getattr(self, "name_or_path", None)
         config.inference_mode = True
-        write_adapter_dir(save_directory, config, self.adapter_state_dict(adapter.name))
+        return config, self.adapter_state_dict(adapter.name)
 
     def adapter_info(self, adapter_name: Optional[str] = None) -> LoadedAdapter:
         """Name, engine id, PEFT config and resolved targets of a loaded adapter (default: the
@@ -257,6 +292,29 @@ class SGLangAdapterMixin:
                 raise ValueError(f"adapter_names: no adapter named {name!r}; loaded: {sorted(state)} "
                                  f"(use {BASE_ADAPTER!r} for the base model)")
         return ids
+
+
+def check_adapter_name(name) -> str:
+    """A name for a new adapter (None: PEFT's ``"default"``). Names end up in paths and logs and
+    share a table with reserved ones, so refuse what would be silently renamed or collide."""
+    if name is None:
+        return "default"
+    rule = None
+    if not isinstance(name, str):
+        rule = f"must be a string, got {type(name).__name__}"
+    elif not name:
+        rule = "must not be empty (pass None for 'default')"
+    elif "/" in name or "\\" in name or ".." in name:
+        rule = "must not contain a path separator ('/', '\\') or '..'"
+    elif name != name.strip():
+        rule = "must not start or end with whitespace"
+    elif name == BASE_ADAPTER:
+        rule = f"{BASE_ADAPTER!r} is reserved for the base model in adapter_names"
+    elif name.startswith(SCRATCH_PREFIX):
+        rule = f"names starting with {SCRATCH_PREFIX!r} are reserved for MeZOTrainer's scratch adapters"
+    if rule is not None:
+        raise AdapterError(f"invalid adapter name {name!r}: {rule}")
+    return name
 
 
 def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec):

@@ -1,5 +1,6 @@
-"""``SGLangAutoModelForMaskedLM``: the family class for a checkpoint's ``model_type``, read from its
-config.json as JSON (no code from the checkpoint runs)."""
+"""``SGLangAutoModelForMaskedLM``: the family class for a checkpoint, picked as transformers' Auto
+class picks it -- ``config.json``'s ``model_type`` (read as JSON: no code from the checkpoint runs)
+-- and, for old configs without one, from the tensor names (``bert.*`` / ``roberta.*``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Dict, Type
 
 from ..errors import CheckpointError
 from .masked_lm import SGLangMaskedLM
+
+# Base-model prefixes that tell a config-less family apart.
+FAMILY_BY_PREFIX = (("bert.", "bert"), ("cls.predictions.", "bert"), ("roberta.", "roberta"), ("lm_head.", "roberta"))
 
 
 def _families() -> Dict[str, Type[SGLangMaskedLM]]:
@@ -18,30 +22,49 @@ def _families() -> Dict[str, Type[SGLangMaskedLM]]:
             "camembert": SGLangCamembertForMaskedLM, "bert": SGLangBertForMaskedLM}
 
 
+def _family_from_tensors(directory: str, use_safetensors) -> str:
+    from ..checkpoint import checkpoint_tensor_names, locate_checkpoint
+
+    names = checkpoint_tensor_names(locate_checkpoint(directory, use_safetensors=use_safetensors))
+    found = {family for prefix, family in FAMILY_BY_PREFIX if any(n.startswith(prefix) for n in names)}
+    if len(found) != 1:
+        raise CheckpointError(
+            f"{directory!r}: config.json has no model_type and the tensor names do not tell the family "
+            f"({'both bert and roberta names' if found else 'neither bert.* nor roberta.*'}); load it with "
+            "SGLangBertForMaskedLM or SGLangRobertaForMaskedLM, or pass config=BertConfig.from_pretrained(path)")
+    return found.pop()
+
+
 class SGLangAutoModelForMaskedLM:
-    """Like transformers' ``AutoModelForMaskedLM``: ``from_pretrained(path, ...)`` returns the
-    engine-backed class of the checkpoint's family (bert, roberta, xlm-roberta, camembert)."""
+    """Like transformers' ``AutoModelForMaskedLM``: ``from_pretrained(path_or_hub_id, ...)`` returns
+    the engine-backed class of the checkpoint's family (bert, roberta, xlm-roberta, camembert)."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("use SGLangAutoModelForMaskedLM.from_pretrained(path, ...)")
 
     @classmethod
-    def class_for(cls, path) -> Type[SGLangMaskedLM]:
-        from ..checkpoint import locate_checkpoint, read_config_dict, refuse_remote_code
+    def class_for(cls, path, **kwargs) -> Type[SGLangMaskedLM]:
+        """The family class of the checkpoint at ``path`` (a directory or a Hub id; ``kwargs`` are
+        from_pretrained's: the Hub look-up options, ``config=``, ``use_safetensors``)."""
+        from ..checkpoint import read_config_dict, refuse_remote_code
+        from ..hub import hub_options, resolve_model_directory
 
-        directory = locate_checkpoint(path).directory
-        data = read_config_dict(os.path.join(directory, "config.json"))
-        refuse_remote_code(data, directory)
-        model_type = data.get("model_type")
         families = _families()
+        config = kwargs.get("config")
+        model_type = getattr(config, "model_type", None) if config is not None and not isinstance(
+            config, (str, os.PathLike)) else None
+        if model_type is None:
+            directory = resolve_model_directory(path, subfolder=kwargs.get("subfolder"),
+                                                use_safetensors=kwargs.get("use_safetensors"), **hub_options(kwargs))
+            data = read_config_dict(os.path.join(directory, "config.json"))
+            refuse_remote_code(data, directory)
+            model_type = data.get("model_type") or _family_from_tensors(directory, kwargs.get("use_safetensors"))
         if model_type not in families:
-            raise CheckpointError(f"{directory!r} has model_type {model_type!r}; SGLangAutoModelForMaskedLM loads "
-                                  f"{sorted(families)}")
+            raise CheckpointError(f"{os.fspath(path)!r} has model_type {model_type!r}; SGLangAutoModelForMaskedLM "
+                                  f"loads {sorted(families)}")
         return families[model_type]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> SGLangMaskedLM:
-        subfolder = kwargs.get("subfolder")
-        path = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder) if subfolder else \
-            pretrained_model_name_or_path
-        return cls.class_for(path).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return cls.class_for(pretrained_model_name_or_path, **kwargs).from_pretrained(
+            pretrained_model_name_or_path, *args, **kwargs)

@@ -7,6 +7,7 @@ engine's named interface (``EncoderCall`` / ``EncoderResult``) and shapes them l
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import weakref
 from typing import Any, Optional, Tuple, Union
@@ -18,16 +19,15 @@ from transformers import PreTrainedModel
 from .. import log_control
 from ..checkpoint import (
     CheckpointFiles,
-    checkpoint_tensor_names,
     iter_checkpoint_tensors,
     locate_checkpoint,
     read_config,
     read_mask_token_id,
-    require_masked_lm_head,
     validate_masked_lm_config,
 )
 from ..engine import EncoderRuntime, EngineConfig, LoRAEngineConfig
 from ..errors import CheckpointError, InferenceOnlyError, UnsupportedLoadOptionError
+from ..hub import hub_options, resolve_model_directory
 from .adapters import SGLangAdapterMixin
 from .caching import EngineCacheMixin
 from .hf_surface import (
@@ -39,6 +39,7 @@ from .hf_surface import (
     merge_option,
     transformers_options,
 )
+from .load_plan import LoadPlan, plan_checkpoint_load
 
 _LIVE_MODELS: "weakref.WeakSet[SGLangPreTrainedModel]" = weakref.WeakSet()
 
@@ -85,26 +86,22 @@ def _resolve_device(device) -> torch.device:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():  # else SGLang fails deep inside its start
+        raise UnsupportedLoadOptionError(f"device={str(device)!r}: CUDA is not available on this host "
+                                         "(torch.cuda.is_available() is False): pass device='cpu'")
     return device
 
 
-def _read_config(files: CheckpointFiles):
-    """The checkpoint's config (never running code from it), validated as a masked LM with a head."""
-    config = read_config(files.directory)
-    validate_masked_lm_config(config)
-    require_masked_lm_head(checkpoint_tensor_names(files), files.directory, config)
-    return config
-
-
-def _default_mask_token_id(config, directory: Optional[str]) -> Tuple[int, str]:
-    """``config.mask_token_id`` > the checkpoint's tokenizer files > ``vocab_size - 1``."""
+def _default_mask_token_id(config, directory: Optional[str]) -> Tuple[Optional[int], str]:
+    """``config.mask_token_id`` > the checkpoint's tokenizer files > none (then a call that looks
+    for masks asks for ``mask_token_id=``)."""
     configured = getattr(config, "mask_token_id", None)
     if configured is not None:
         return configured, "config.mask_token_id"
     found = read_mask_token_id(directory, config.vocab_size) if directory else None
     if found is not None:
         return found
-    return config.vocab_size - 1, "vocab_size - 1 (no mask token in the checkpoint's tokenizer files)"
+    return None, "neither config.mask_token_id nor the checkpoint's tokenizer files declare one"
 
 
 def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles) -> EncoderRuntime:
@@ -113,17 +110,12 @@ def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles) -> Encod
     with log_control.quiet_sglang():
         runtime = EncoderRuntime(engine_config)
         try:
-            runtime.start(iter_checkpoint_tensors(files, progress=log_control.progress_enabled()))
+            runtime.start(iter_checkpoint_tensors(files, progress=log_control.progress_enabled(),
+                                                  skip=engine_config.skip_tensors))
         except BaseException:
             runtime.close()
             raise
     return runtime
-
-
-def _join_subfolder(path, subfolder: Optional[str]):
-    if not subfolder or not isinstance(path, (str, os.PathLike)):
-        return path  # locate_checkpoint names a bad path
-    return os.path.join(os.fspath(path), subfolder)
 
 
 def check_tensor_parallel_size(config, tp_size: int, device: str = "cpu") -> None:
@@ -150,8 +142,11 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
     # Default position ids: RoBERTa's (real tokens counted from pad_token_id + 1) or, when True,
     # BERT's absolute 0..T-1.
     absolute_position_ids: bool = False
-    # The checkpoint model_types this class loads (empty: any supported one).
+    # The checkpoint model_types this class loads (empty: any supported one); a config without
+    # model_type is read as ``config_class``'s (the first of them).
     model_types: Tuple[str, ...] = ()
+    # transformers' class whose names and shapes a checkpoint must match (the loading oracle).
+    hf_model_class: str = ""
     sglang_architecture: str = ""
     # ``module.qualname`` of the SGLang-side model class (imported when the engine starts).
     sglang_model_class: str = ""
@@ -186,7 +181,8 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         encoder_attention: Optional[str] = None,
         **kwargs: Any,
     ):
-        """Load a local HF masked-LM checkpoint onto a new SGLang engine.
+        """Load an HF masked-LM checkpoint -- a local directory or a Hub id, resolved as transformers
+        resolves it -- onto a new SGLang engine.
 
         ``max_num_tokens`` is the engine's token budget (KV pool size and the largest batch one
         engine pass carries); larger calls are split. ``enable_lora`` starts SGLang's LoRA
@@ -200,11 +196,13 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
 
         Other keywords, as transformers takes them (table: ``TRANSFORMERS_LOAD_KEYWORDS``):
         honoured -- ``torch_dtype`` (= ``dtype``), ``device_map`` naming one device, ``config=``
-        (its sizes must match the checkpoint's), ``subfolder``, ``use_safetensors``,
-        ``output_loading_info`` (returns ``(model, info)``), and config attributes
-        (``output_hidden_states=True`` ...); ignored (logged at DEBUG) -- hub/download and torch
-        placement options, ``ignore_mismatched_sizes`` (sizes always come from the checkpoint, so
-        nothing can mismatch); refused with :class:`UnsupportedLoadOptionError` -- ``from_tf``,
+        (its sizes must match the checkpoint's), the Hub look-up (``cache_dir``, ``revision``,
+        ``subfolder``, ``token``, ``local_files_only``, ``force_download``, ``proxies``),
+        ``use_safetensors``, ``output_loading_info`` (returns ``(model, info)`` with transformers'
+        missing/unexpected/mismatched keys), and config attributes (``output_hidden_states=True``
+        ...); ignored (logged at DEBUG) -- torch placement options, ``ignore_mismatched_sizes`` (a
+        size that disagrees with the config is refused, never re-initialised); refused with
+        :class:`UnsupportedLoadOptionError` -- ``from_tf``,
         ``from_flax``, ``trust_remote_code=True`` (no checkpoint code ever runs),
         ``quantization_config``, ``state_dict``, a multi-device ``device_map``... Anything else
         must be an SGLang ``ServerArgs`` field (passed through unchanged), else ``TypeError``.
@@ -216,20 +214,19 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         options = transformers_options(kwargs)
         device = merge_option("device", device, device_from_device_map(options.get("device_map")), "device_map")
         dtype = merge_option("dtype", dtype, options.get("torch_dtype"), "torch_dtype")
-        files = locate_checkpoint(_join_subfolder(pretrained_model_name_or_path, options.get("subfolder")),
-                                  use_safetensors=options.get("use_safetensors"))
-        config = effective_config(_read_config(files), options.get("config"), kwargs)
+        directory = resolve_model_directory(pretrained_model_name_or_path, subfolder=options.get("subfolder"),
+                                            use_safetensors=options.get("use_safetensors"), **hub_options(options))
+        files = locate_checkpoint(directory, use_safetensors=options.get("use_safetensors"))
+        config = effective_config(cls._read_config(files), options.get("config"), kwargs)
         cls._check_family(config, files.directory)
+        plan = plan_checkpoint_load(cls.hf_model_class, files, config, source=os.fspath(pretrained_model_name_or_path))
         sglang_options = engine_options(kwargs)
         torch_dtype, torch_device = _resolve_dtype(dtype, config), _resolve_device(device)
         if torch_device.type == "cuda" and (torch_device.index or 0) != 0:
             raise ValueError(f"device={torch_device}: the engine runs on the first visible GPU; choose it with "
                              "CUDA_VISIBLE_DEVICES and pass device='cuda'")
-        if tp_size != 1 and locate_checkpoint(files.directory).format != files.format:
-            raise UnsupportedLoadOptionError("use_safetensors=False with tp_size > 1: the worker ranks read the "
-                                             "checkpoint's safetensors; remove them or the .bin files")
         engine_config = cls._engine_config(
-            files, config, torch_device, torch_dtype, tp_size, max_num_tokens,
+            files, plan, config, torch_device, torch_dtype, tp_size, max_num_tokens,
             LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
             sglang_options, worker_timeout_s=worker_timeout_s, encoder_attention=encoder_attention,
         )
@@ -245,8 +242,16 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         if result_cache_mb:
             model.enable_result_cache(result_cache_mb)
         if options.get("output_loading_info"):
-            return model, {key: [] for key in LOADING_INFO_KEYS}
+            return model, {key: plan.loading_info[key] for key in LOADING_INFO_KEYS}
         return model
+
+    @classmethod
+    def _read_config(cls, files: CheckpointFiles):
+        """The checkpoint's config (never running code from it); one without ``model_type`` is read
+        as this class's family."""
+        config = read_config(files.directory, cls.config_class if cls.model_types else None)
+        validate_masked_lm_config(config)
+        return config
 
     @classmethod
     def _check_family(cls, config, directory: str) -> None:
@@ -265,7 +270,8 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         return int(config.max_position_embeddings - config.pad_token_id - 1)
 
     @classmethod
-    def _engine_config(cls, files: CheckpointFiles, config, device: torch.device, dtype: torch.dtype, tp_size,
+    def _engine_config(cls, files: CheckpointFiles, plan: LoadPlan, config, device: torch.device,
+                       dtype: torch.dtype, tp_size,
                        max_num_tokens, lora: Optional[LoRAEngineConfig], engine_options: dict,
                        worker_timeout_s: float = 30.0, encoder_attention: Optional[str] = None) -> EngineConfig:
         """Validate the engine-shaping arguments (before any process starts) into an EngineConfig."""
@@ -292,6 +298,11 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
                              f"({max_sequence_length} tokens)")
         engine_config = EngineConfig(
             model_path=files.directory,
+            weight_files=tuple(files.weight_files),
+            weight_format=files.format,
+            skip_tensors=tuple(sorted(plan.skip)),
+            hf_config={**json.loads(config.to_json_string(use_diff=False)),
+                       "architectures": [cls.sglang_architecture]},
             architecture=cls.sglang_architecture,
             model_class=cls.sglang_model_class,
             device=device.type,

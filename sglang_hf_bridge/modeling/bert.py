@@ -14,3 +14,4 @@ class SGLangBertForMaskedLM(SGLangMaskedLM):
     base_model_prefix = "bert"
     absolute_position_ids = True
     model_types = ("bert",)
+    hf_model_class = "BertForMaskedLM"

@@ -28,25 +28,26 @@ from .. import log_control
 from ..checkpoint import read_config, validate_masked_lm_config
 from ..engine import hf_parameter_slices, rank_set_hf_tensors
 from ..errors import CheckpointError, UnsupportedLoadOptionError, UnsupportedOperationError
+from ..hub import HUB_OPTIONS
 from ..sglang_models.weight_map import weight_map_for
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------- transformers' keywords
 # What from_pretrained does with the keywords scripts pass to transformers' from_pretrained.
-# HONOUR: used by SGLangPreTrainedModel.from_pretrained. IGNORE: accepted and logged at DEBUG -- hub and download
-# options (the bridge loads local directories), torch-side loading/placement knobs (the engine
-# loads and places its weights itself). ``ignore_mismatched_sizes`` is ignored too: the engine is
-# always built with the checkpoint's own shapes and a config= / config keyword with other sizes is
-# refused, so no size can mismatch and no weight is ever re-initialised. A ``(accepted, why)``
+# HONOUR: used by SGLangPreTrainedModel.from_pretrained (the Hub look-up options through
+# :mod:`sglang_hf_bridge.hub`). IGNORE: accepted and logged at DEBUG -- obsolete download options,
+# torch-side loading/placement knobs (the engine loads and places its weights itself).
+# ``ignore_mismatched_sizes`` is ignored too: a tensor whose size disagrees with the config is
+# refused (:mod:`.load_plan`), so no weight is ever re-initialised. A ``(accepted, why)``
 # pair: refused with ``why`` unless the value is None or one of ``accepted`` (their defaults).
 HONOUR, IGNORE = "honour", "ignore"
 TRANSFORMERS_LOAD_KEYWORDS: Dict[str, Any] = {
     "config": HONOUR, "torch_dtype": HONOUR, "device_map": HONOUR, "subfolder": HONOUR,
     "output_loading_info": HONOUR, "use_safetensors": HONOUR,
+    **dict.fromkeys(HUB_OPTIONS, HONOUR),
     **dict.fromkeys((
-        "cache_dir", "revision", "token", "use_auth_token", "local_files_only", "force_download",
-        "resume_download", "proxies", "mirror", "_commit_hash", "_from_auto", "_from_pipeline",
+        "resume_download", "mirror", "_commit_hash", "_from_auto", "_from_pipeline",
         "low_cpu_mem_usage", "_fast_init", "attn_implementation", "max_memory", "offload_folder",
         "offload_state_dict", "offload_buffers", "disable_mmap", "use_kernels", "kernel_config",
         "allow_all_kernels", "fusion_config", "tqdm_class", "generation_config", "ignore_mismatched_sizes",
@@ -55,8 +56,8 @@ TRANSFORMERS_LOAD_KEYWORDS: Dict[str, Any] = {
                           "(RobertaForMaskedLM.from_pretrained(path, from_tf=True).save_pretrained(dir))"),
     "from_flax": ((False,), "Flax weights cannot be read: convert them with transformers "
                             "(RobertaForMaskedLM.from_pretrained(path, from_flax=True).save_pretrained(dir))"),
-    "trust_remote_code": ((False,), "the bridge never runs code from a checkpoint directory; it runs the "
-                                    "built-in RoBERTa / XLM-RoBERTa / CamemBERT masked LM only"),
+    "trust_remote_code": ((False,), "the bridge never runs code from a checkpoint directory; it runs its "
+                                    "built-in families only (BERT, RoBERTa, XLM-RoBERTa, CamemBERT)"),
     "state_dict": ((), "the engine loads weights from a checkpoint directory: save the state dict with "
                        "save_pretrained (or save_file to model.safetensors next to config.json) and pass that path"),
     "quantization_config": ((), "the engine runs float32, float16 or bfloat16 weights only: pass dtype="),
@@ -93,8 +94,8 @@ def transformers_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
         if rule == HONOUR:
             honoured[key] = value
         elif rule == IGNORE:
-            logger.debug("from_pretrained: ignoring %s=%r (no meaning for an SGLang engine loaded from a local "
-                         "directory)", key, value)
+            logger.debug("from_pretrained: ignoring %s=%r (no meaning for an SGLang engine: it loads and places "
+                         "its own weights)", key, value)
         elif not _accepted(value, rule[0]):
             raise UnsupportedLoadOptionError(f"from_pretrained({key}={value!r}) is not supported: {rule[1]}")
     return honoured

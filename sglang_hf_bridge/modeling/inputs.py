@@ -25,6 +25,13 @@ class PreparedBatch:
     shape: Tuple[int, int]
 
 
+def _refuse_meta(name: str, value: torch.Tensor) -> None:
+    """A meta tensor has a shape but no values: nothing to run (torch fails deep inside)."""
+    if value.device.type == "meta":
+        raise InputValidationError(f"{name} is on the meta device (a tensor without data): pass real values, "
+                                   "e.g. on cpu")
+
+
 def _as_2d_long(name: str, value, shape=None, allow_broadcast_rows: bool = False) -> Optional[torch.Tensor]:
     if value is None:
         return None
@@ -33,7 +40,14 @@ def _as_2d_long(name: str, value, shape=None, allow_broadcast_rows: bool = False
             value = torch.as_tensor(value)
         except Exception as e:  # noqa: BLE001 - report what the user passed
             raise InputValidationError(f"{name} must be a tensor of integers, got {type(value).__name__}") from e
-    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool and name != "attention_mask":
+    _refuse_meta(name, value)
+    if name == "attention_mask" and (value.is_floating_point() or value.dtype == torch.bool):
+        # transformers takes float and bool masks; exactly 0/1 converts to long without loss
+        bad = ~((value == 0) | (value == 1))
+        if bool(bad.any()):
+            raise InputValidationError(f"attention_mask must contain only 0 and 1, got {value[bad][0].item()} "
+                                       f"(dtype {value.dtype})")
+    elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise InputValidationError(f"{name} must hold integers, got dtype {value.dtype}")
     if value.dim() != 2:
         raise InputValidationError(f"{name} must have shape [batch, seq_len], got {tuple(value.shape)}")
@@ -159,6 +173,9 @@ def _integer_tensor(name: str, value) -> torch.Tensor:
             value = torch.as_tensor(value)
         except Exception as e:  # noqa: BLE001 - report what the user passed
             raise InputValidationError(f"{name} must be integers, got {type(value).__name__}") from e
+        if value.numel() == 0:
+            value = value.long()  # an empty list has no dtype to judge (torch makes it float)
+    _refuse_meta(name, value)
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise InputValidationError(f"{name} must hold integers, got dtype {value.dtype}")
     return value.to("cpu", torch.long)
@@ -181,7 +198,7 @@ def validate_vocab_ids(vocab_ids, vocab_size: int) -> List[int]:
     """Output columns for ``compute_mlm_logits``: a non-empty list of ids in ``[0, vocab_size)``."""
     vocab = _integer_tensor("vocab_ids", vocab_ids).flatten()
     if vocab.numel() == 0:
-        raise InputValidationError("vocab_ids is empty")
+        raise InputValidationError("vocab_ids is empty: it needs at least one token id")
     if int(vocab.min()) < 0 or int(vocab.max()) >= vocab_size:
         raise InputValidationError(f"vocab_ids must lie in [0, {vocab_size})")
     return vocab.tolist()

@@ -15,15 +15,18 @@ class SGLangRobertaForMaskedLM(SGLangMaskedLM):
     config_class = RobertaConfig
     base_model_prefix = "roberta"
     model_types = ("roberta", "xlm-roberta", "camembert")
+    hf_model_class = "RobertaForMaskedLM"
 
 
 class SGLangXLMRobertaForMaskedLM(SGLangRobertaForMaskedLM):
     """``XLMRobertaForMaskedLM``'s interface (the same engine model as RoBERTa)."""
 
     config_class = XLMRobertaConfig
+    hf_model_class = "XLMRobertaForMaskedLM"
 
 
 class SGLangCamembertForMaskedLM(SGLangRobertaForMaskedLM):
     """``CamembertForMaskedLM``'s interface (the same engine model as RoBERTa)."""
 
     config_class = CamembertConfig
+    hf_model_class = "CamembertForMaskedLM"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
+from ..atomic_dir import ADAPTER_FILES, MODEL_FILES, replacing_directory
 from ..checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
+from ..lora.files import check_adapter_target, write_adapter_files
 from ..sglang_models.weight_map import QKV_SHARDS, ffn_padded_dim, shard_rule, weight_map_for
 
 
@@ -37,10 +39,31 @@ def engine_state_dict(params: Dict[str, torch.Tensor], config) -> Dict[str, torc
 
 
 def save_engine_checkpoint(model, save_directory) -> None:
+    """The engine's weights as an HF checkpoint, saved atomically: ``save_directory`` holds the
+    old checkpoint or the new one, whole, at every instant (see ``atomic_dir``); its other files
+    (tokenizer, trainer state, ``checkpoint-*/``) are kept, a previous save's weights are not."""
+    _check_model_target(save_directory)
+    with replacing_directory(save_directory, replaces=MODEL_FILES) as staging:
+        write_engine_checkpoint(model, staging)
+
+
+def save_adapter_and_base(model, save_directory, adapter_name: Optional[str]) -> None:
+    """An adapter (PEFT format) and the base checkpoint in one directory, swapped in together."""
+    check_adapter_target(save_directory)
+    with replacing_directory(save_directory, replaces=ADAPTER_FILES + MODEL_FILES) as staging:
+        write_adapter_files(staging, *model._adapter_for_saving(adapter_name))
+        write_engine_checkpoint(model, staging)
+
+
+def _check_model_target(save_directory) -> None:
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
+
+
+def write_engine_checkpoint(model, directory: str) -> None:
+    """The checkpoint's files, written (new files only) into an existing private directory."""
     params = model.runtime.full_parameters()
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.architectures = [SUPPORTED_MODEL_TYPES[config.model_type]]
     config.dtype = str(model.dtype).replace("torch.", "")
-    write_safetensors(engine_state_dict(params, config), save_directory, config)
+    write_safetensors(engine_state_dict(params, config), directory, config)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import compat
 from .lm_head import MaskedLMHead
-from .weight_map import ffn_padded_dim, pad_dim, weight_map_for
+from .weight_map import canonical_name, ffn_padded_dim, pad_dim, weight_map_for
 
 
 class RobertaEmbeddings(nn.Module):
@@ -263,7 +263,7 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         padded_ffn = self.config.intermediate_size
         loaded = set()
         for name, tensor in weights:
-            if name in skip:
+            if canonical_name(name) in skip:
                 continue
             mapped = names.checkpoint_to_engine_name(name)
             if mapped is None:

@@ -21,6 +21,17 @@ def _pattern(template: str) -> "re.Pattern[str]":
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
+# Names older checkpoints (TF-converted BERTs) use, renamed on load as transformers renames them.
+LEGACY_RENAMES = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
+
+
+def canonical_name(name: str) -> str:
+    for old, new in LEGACY_RENAMES:
+        if old in name:
+            name = name.replace(old, new)
+    return name
+
+
 # Encoder rows shared by every family: checkpoint name (without the base prefix) -> engine name,
 # plus the q/k/v shard id of the fused qkv. ``{i}`` is the layer index.
 ENCODER_ROWS: List[Row] = [
@@ -83,6 +94,15 @@ class WeightMap:
         object.__setattr__(self, "_reverse", [(_pattern(e), c, s) for c, e, s in self.rows])
         object.__setattr__(self, "_reverse_cache", {})
 
+    def hf_key(self, name: str) -> str:
+        """A checkpoint name as transformers' class of this family spells it: legacy names renamed
+        (:data:`LEGACY_RENAMES`), any accepted base prefix written as ``hf_prefix``."""
+        name = canonical_name(name)
+        for prefix in self.accepted_prefixes:
+            if name.startswith(prefix):
+                return f"{self.hf_prefix}.{name[len(prefix):]}"
+        return name
+
     def strip_base_prefix(self, name: str) -> str:
         for prefix in self.accepted_prefixes:
             if name.startswith(prefix):
@@ -114,7 +134,7 @@ class WeightMap:
         Raises KeyError for a name that is neither mapped nor deliberately ignored, so unexpected
         tensors are never dropped silently.
         """
-        name = self.strip_base_prefix(name)
+        name = self.strip_base_prefix(canonical_name(name))
         if any(p.match(name) for p in self.ignored):
             return None
         for pattern, engine, shard in self._forward:

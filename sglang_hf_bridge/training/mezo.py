@@ -212,15 +212,19 @@ class MeZOTrainer(Trainer):
 
     def _ensure_scratch_adapters(self, target: EngineAdapterTarget):
         base = target.model
-        if PLUS not in base.peft_config:
-            import copy
-
-            config = copy.deepcopy(base.adapter_info(target.adapter_name).peft_config)
-            active = base.active_adapters()
-            for name in (PLUS, MINUS):
-                base.add_adapter(config, adapter_name=name)
-            base.set_adapter(active[0])
+        config = base.adapter_info(target.adapter_name).peft_config
+        for name in (PLUS, MINUS):
+            if name not in base.peft_config:
+                base._add_adapter(config, name, activate=False)  # reserved names; the user's stays active
         return base.adapter_info(PLUS).lora_id, base.adapter_info(MINUS).lora_id
+
+    def _free_scratch_adapters(self) -> None:
+        """Give back the two pool slots the paired passes borrowed, however train() ended: the
+        user's adapters are then what they were (plus the trained weights)."""
+        base = self._base_model()
+        loaded = [n for n in (PLUS, MINUS) if n in base.peft_config] if hasattr(base, "runtime") else []
+        if loaded:
+            base.delete_adapter(loaded)
 
     def zo_num_parameters(self) -> int:
         """Elements of the tensors MeZO trains (engine weights, the adapter's A/B, or torch parameters)."""
@@ -246,6 +250,7 @@ class MeZOTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             trainer_logger.removeFilter(count_filter)
+            self._free_scratch_adapters()
 
     def _get_grad_norm(self, model, grad_norm=None):
         return None  # no gradients: the step's projected gradient is logged instead (see log)

@@ -1,0 +1,114 @@
+"""What a checkpoint's tensors mean to the model, decided before any engine starts, as
+transformers' ``*ForMaskedLM.from_pretrained`` decides it.
+
+The oracle is transformers' own class, built on the meta device from the config (no memory, no
+weights): its state-dict names and shapes are what a checkpoint must provide. So the head is
+decided by the tensors present, never by the class name an owner wrote in ``architectures``;
+tensors the class does not use (a pooler, the NSP head, extra task heads, layers beyond
+``num_hidden_layers``) are reported as unexpected keys and not loaded; a shape that disagrees with
+the config is refused naming the tensor and the config field. Unlike transformers, a tensor the
+model needs but the checkpoint lacks is an error, never a random initialisation: a silently random
+layer would give wrong answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, Tuple
+
+import torch
+
+from ..checkpoint import NEUTRAL_HEAD_HINT, SUPPORTED_MODEL_TYPES, CheckpointFiles, checkpoint_tensor_shapes
+from ..errors import CheckpointError
+from ..sglang_models.weight_map import weight_map_for
+
+logger = logging.getLogger(__name__)
+
+# Config fields that size the tensors, named in a size-mismatch error (first match wins).
+SIZE_FIELDS = ("hidden_size", "vocab_size", "intermediate_size", "max_position_embeddings", "type_vocab_size")
+FIELD_HINTS = {"max_position_embeddings": ("position_embeddings",), "type_vocab_size": ("token_type",),
+               "vocab_size": ("word_embeddings", "decoder", "predictions.bias", "lm_head.bias"),
+               "intermediate_size": ("intermediate", "output.dense")}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """``skip``: checkpoint names the engine does not load (the unexpected keys, as they are spelt
+    in the files); ``loading_info``: what ``output_loading_info=True`` returns (transformers' keys
+    and types)."""
+
+    skip: FrozenSet[str]
+    loading_info: Dict[str, Any] = field(default_factory=dict)
+
+
+def reference_model(hf_class_name: str, config):
+    """transformers' class for ``config`` on the meta device; its refusals (heads that do not divide
+    the hidden size, ...) become CheckpointErrors."""
+    import transformers
+
+    hf_class = getattr(transformers, hf_class_name)
+    try:
+        with torch.device("meta"):
+            return hf_class(config)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"the config cannot build {hf_class_name}: {e}") from e
+
+
+def _tied_targets(model, config) -> Dict[str, str]:
+    """Tied name -> its source (the decoder -> the word embeddings) for this config."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:  # older transformers: the class table, applied when the config ties
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        if not isinstance(tied, dict) or not getattr(config, "tie_word_embeddings", True):
+            tied = {}
+    return dict(tied)
+
+
+def _size_field(config, name: str, ckpt_shape: Tuple[int, ...], model_shape: Tuple[int, ...]) -> str:
+    """The config field behind the first dimension where the shapes differ (the tensor's own field
+    when several fields have that value)."""
+    for ours, theirs in zip(model_shape, ckpt_shape):
+        if ours != theirs:
+            fields = [f for f in SIZE_FIELDS if getattr(config, f, None) == ours]
+            fields.sort(key=lambda f: not any(hint in name for hint in FIELD_HINTS.get(f, ())))
+            return f"config.{fields[0]}={ours}" if fields else f"a dimension of {ours} derived from the config"
+    return f"{len(model_shape)} dimensions"
+
+
+def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, source: str) -> LoadPlan:
+    """Check the checkpoint's tensors against transformers' ``hf_class_name`` built from ``config``
+    and decide what the engine loads. ``source`` names the checkpoint in messages and logs."""
+    shapes = checkpoint_tensor_shapes(files)
+    names = weight_map_for(config)
+    model = reference_model(hf_class_name or SUPPORTED_MODEL_TYPES[config.model_type], config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = _tied_targets(model, config)
+    present = {names.hf_key(name): name for name in shapes}  # HF spelling -> the file's spelling
+
+    if not any(k.startswith(names.head_prefix) for k in present):
+        raise CheckpointError(f"{source!r} has no {names.head_prefix}* tensors: it is an encoder without a "
+                              "masked-LM head" + (NEUTRAL_HEAD_HINT if config.model_type == "bert" else ""))
+    mismatched = []
+    for key, name in present.items():
+        if key in expected and shapes[name] != expected[key]:
+            mismatched.append(f"{name!r}: shape {list(shapes[name])} in the checkpoint, {list(expected[key])} for "
+                              f"the config ({_size_field(config, key, shapes[name], expected[key])})")
+    if mismatched:
+        raise CheckpointError(
+            f"{source!r}: tensor sizes disagree with its config.json ({len(mismatched)} tensor(s)): "
+            + "; ".join(mismatched[:4]) + (" ..." if len(mismatched) > 4 else "")
+            + ". Fix config.json to match the weights (transformers refuses this checkpoint too)")
+    missing = sorted(k for k in expected if k not in present and tied.get(k) not in present)
+    if missing:
+        raise CheckpointError(
+            f"{source!r} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:6])}"
+            + (" ..." if len(missing) > 6 else "")
+            + ". transformers would initialise them randomly (wrong answers); the bridge refuses")
+    unexpected = {k for k in present if k not in expected}
+    if unexpected:
+        logger.warning("Some weights of the checkpoint at %s were not used when initializing %s: %s\n- This IS "
+                       "expected when the checkpoint was trained with other heads or a larger model (a pooler, "
+                       "the next-sentence head, extra task heads).", source, hf_class_name, sorted(unexpected))
+    info = {"missing_keys": set(), "unexpected_keys": unexpected, "mismatched_keys": set(), "error_msgs": []}
+    return LoadPlan(frozenset(present[k] for k in unexpected), info)
