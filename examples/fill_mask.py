@@ -1,7 +1,8 @@
-"""Fill-mask with transformers' pipeline on an SGLang-backed RoBERTa.
+"""Fill-mask with transformers' pipeline on an SGLang-backed masked LM.
 
     python examples/fill_mask.py                       # small random-weight model built locally
-    python examples/fill_mask.py --model PATH          # any local RoBERTa / XLM-R / CamemBERT MLM
+    python examples/fill_mask.py --model PATH_OR_ID    # a local directory or a Hub id (BERT, RoBERTa,
+                                                       # XLM-R, CamemBERT), as transformers resolves it
 
 Without --model the script builds a small random-weight RoBERTa from the roberta-base config
 in data/ (so the predictions are nonsense words, but it runs anywhere in well under a minute) and
@@ -42,9 +43,9 @@ def build_small_model(tokenizer_dir: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="local masked-LM checkpoint directory")
-    ap.add_argument("--tokenizer", type=Path,
-                    help="tokenizer directory (default: --model, else the RoBERTa tokenizer in data/)")
+    ap.add_argument("--model", help="masked-LM checkpoint: a local directory or a Hugging Face Hub id")
+    ap.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: --model, else the RoBERTa "
+                                        "tokenizer in data/)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--no-compare", action="store_true", help="skip the check against transformers' own model")
@@ -53,17 +54,19 @@ def main() -> None:
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-    from sglang_hf_bridge import SGLangRobertaForMaskedLM
+    from sglang_hf_bridge import SGLangAutoModelForMaskedLM
 
     model_dir = args.model or build_small_model(DEFAULT_TOKENIZER)
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or (args.model if args.model else DEFAULT_TOKENIZER)))
     sentences = args.sentences or [s.replace("<mask>", tokenizer.mask_token) for s in SENTENCES]
 
     t0 = time.perf_counter()
-    model = SGLangRobertaForMaskedLM.from_pretrained(model_dir, device=args.device)
+    model = SGLangAutoModelForMaskedLM.from_pretrained(model_dir, device=args.device)
     print(f"loaded {model_dir} on SGLang ({model.device}) in {time.perf_counter() - t0:.1f} s")
     fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)
     results = fill(sentences, top_k=args.top_k)
+    if len(sentences) == 1:  # the pipeline returns one sentence's answers unwrapped
+        results = [results]
     for sentence, result in zip(sentences, results):
         print(f"\n{sentence}")
         per_mask = result if isinstance(result[0], list) else [result]
@@ -74,6 +77,7 @@ def main() -> None:
     if not args.no_compare:
         reference = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
         expected = pipeline("fill-mask", model=reference, tokenizer=tokenizer)(sentences, top_k=args.top_k)
+        expected = [expected] if len(sentences) == 1 else expected
         same = _same(results, expected)
         print(f"\nsame tokens and scores (1e-5) as transformers' {type(reference).__name__}: {same}")
         if not same:

@@ -37,6 +37,8 @@ NEUTRAL_HEAD_HINT = (
 )
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# Format -> (its sharded index, its single file).
+WEIGHT_FILES = {"safetensors": (SAFE_INDEX, "model.safetensors"), "bin": (BIN_INDEX, "pytorch_model.bin")}
 
 
 @dataclass
@@ -60,11 +62,8 @@ def locate_checkpoint(path, use_safetensors: Optional[bool] = None) -> Checkpoin
         raise CheckpointError(f"checkpoint path {path!r} is not a directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path!r} has no config.json: not a Hugging Face checkpoint")
-    found = {fmt: _weight_files(path, fmt) for fmt in ("safetensors", "bin")}
-    order = ("bin", "safetensors") if use_safetensors is False else ("safetensors", "bin")
-    if use_safetensors:
-        order = ("safetensors",)
-    for fmt in order:
+    found = {fmt: _weight_files(path, fmt) for fmt in WEIGHT_FILES}
+    for fmt in weight_formats(use_safetensors):
         if found[fmt]:
             return CheckpointFiles(path, found[fmt], fmt)
     if use_safetensors and found["bin"]:
@@ -77,17 +76,34 @@ def locate_checkpoint(path, use_safetensors: Optional[bool] = None) -> Checkpoin
     )
 
 
+def weight_formats(use_safetensors: Optional[bool]) -> Tuple[str, ...]:
+    """Weight formats in transformers' order: ``None`` prefers safetensors, ``True`` requires them,
+    ``False`` prefers ``.bin`` files."""
+    if use_safetensors:
+        return ("safetensors",)
+    return ("bin", "safetensors") if use_safetensors is False else ("safetensors", "bin")
+
+
+def index_shards(index_file: str) -> List[str]:
+    """The shard file names a sharded checkpoint's index lists: plain names in the index's own
+    directory (checked by name, not by resolved path: the HF cache's snapshot files are links)."""
+    try:
+        with open(index_file) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read the shard index {index_file!r}: {e}") from e
+    for shard in shards:
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"shard {shard!r} listed in {index_file!r} lies outside the checkpoint")
+    return shards
+
+
 def _weight_files(path: str, fmt: str) -> List[str]:
     """The weight files of one format (a sharded index first, then the single file), or []."""
-    index_name, single = (SAFE_INDEX, "model.safetensors") if fmt == "safetensors" else (BIN_INDEX, "pytorch_model.bin")
+    index_name, single = WEIGHT_FILES[fmt]
     index = os.path.join(path, index_name)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        for shard in shards:  # plain file names: the HF cache's snapshot files are links into blobs/
-            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
-                raise CheckpointError(f"shard {shard!r} listed in {index_name} lies outside the checkpoint")
-        files = [os.path.join(path, s) for s in shards]
+        files = [os.path.join(path, s) for s in index_shards(index)]
         for f in files:
             if not os.path.isfile(f):
                 raise CheckpointError(f"shard {f!r} listed in {index_name} is missing")
@@ -151,7 +167,7 @@ def read_config(path: str, config_class=None):
 def validate_masked_lm_config(config) -> None:
     """Raise CheckpointError unless ``config`` is of a supported family. ``architectures`` is not
     read: owners name their own classes there, and transformers decides the head by the tensors
-    present (:func:`require_masked_lm_head`)."""
+    present (``modeling.load_plan``)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -229,18 +245,6 @@ def load_bin(path: str) -> Dict[str, torch.Tensor]:
 
 def checkpoint_tensor_names(files: CheckpointFiles) -> List[str]:
     return list(checkpoint_tensor_shapes(files))
-
-
-def require_masked_lm_head(names: List[str], path: str, config) -> None:
-    """The checkpoint must hold its family's masked-LM head (``lm_head.*`` / ``cls.predictions.*``)."""
-    from .sglang_models.weight_map import weight_map_for
-
-    head = weight_map_for(config).head_prefix
-    if not any(n.startswith(head) for n in names):
-        raise CheckpointError(
-            f"{path!r} has no {head}* tensors: it is an encoder without a masked-LM head"
-            + (NEUTRAL_HEAD_HINT if config.model_type == "bert" else "")
-        )
 
 
 def write_safetensors(state: Dict[str, torch.Tensor], directory: str, config) -> None:

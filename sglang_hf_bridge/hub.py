@@ -10,16 +10,14 @@ tensor-parallel rank) reads that one resolved snapshot like a local checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional
 
+from .checkpoint import WEIGHT_FILES, index_shards, weight_formats
 from .errors import AdapterFileError, CheckpointError, CheckpointNotFoundError
 
 # from_pretrained keywords that steer the Hub look-up (``use_auth_token`` is the old ``token``).
 HUB_OPTIONS = ("cache_dir", "revision", "token", "use_auth_token", "local_files_only", "force_download", "proxies")
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 # Read only for the mask token id (parsed as JSON/text, never instantiated).
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json", "vocab.txt")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,25 +73,19 @@ def resolve_model_directory(name_or_path, subfolder: Optional[str] = None, use_s
     if config_file is None:
         raise CheckpointNotFoundError(f"Hub model {repo_id!r} has no config.json" +
                                       (f" in subfolder {subfolder!r}" if subfolder else ""))
-    order = [(SAFE_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")]
-    if use_safetensors is False:
-        order.reverse()
-    elif use_safetensors:
-        order = order[:1]
     try:
-        for index_name, single in order:
+        for fmt in weight_formats(use_safetensors):
+            index_name, single = WEIGHT_FILES[fmt]
             index = _cached(repo_id, index_name, False, subfolder, hub)
             if index is not None:
-                with open(index) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-                for shard in shards:
+                for shard in index_shards(index):
                     _cached(repo_id, shard, True, subfolder, hub)
                 break
             if _cached(repo_id, single, False, subfolder, hub) is not None:
                 break
         for name in TOKENIZER_FILES:
             _cached(repo_id, name, False, subfolder, hub)
-    except (OSError, ValueError, KeyError) as e:
+    except OSError as e:  # CheckpointErrors (a bad index) pass as they are
         raise CheckpointNotFoundError(f"cannot fetch the weights of Hub model {repo_id!r}: {e}") from e
     return os.path.dirname(config_file)
 
