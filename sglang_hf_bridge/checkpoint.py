@@ -22,15 +22,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from .errors import CheckpointError, CheckpointNotFoundError
+from .sglang_models.families import SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = {
-    "roberta": "RobertaForMaskedLM",
-    "xlm-roberta": "XLMRobertaForMaskedLM",
-    "camembert": "CamembertForMaskedLM",
-    "bert": "BertForMaskedLM",
-}
 NEUTRAL_HEAD_HINT = (
     "; give a BERT encoder the neutral masked-LM head with `python -m sglang_hf_bridge.convert --bert "
     "PATH --out DIR` (dense = identity, decoder tied to the word embeddings, bias 0) and load DIR"

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
+from .errors import SGLangLayoutError  # defined in errors.py; importable from here too
+
 
 def configure_sglang_environment() -> None:
     """Set before SGLang is imported.
 
     ``SGLANG_EXTERNAL_MODEL_PACKAGE`` makes SGLang's model registry import only this project's
-    model package instead of all ~200 stock model files (start-up 4 s -> 2 s on the CPU host);
-    stock models are still loaded lazily if another SGLang user in the process asks for one.
+    model package instead of all ~200 stock model files, which start-up would otherwise spend time
+    importing (measured in docs/architecture.md, "Start-up"); stock models are still loaded lazily
+    if another SGLang user in the process asks for one.
     A value the user already set is left alone (the runtime registers our class explicitly).
     """
     os.environ.setdefault("SGLANG_EXTERNAL_MODEL_PACKAGE", "sglang_hf_bridge.sglang_models")
@@ -238,10 +241,13 @@ def bound_collective_timeouts(seconds: float) -> int:
 
     if not dist.is_initialized():
         return 0
-    groups = [dist.distributed_c10d._get_default_group()]
+    groups = [default_process_group()]
     for ref in list(_require(parallel_state, "_groups", "SGLang's registry of group coordinators").values()):
         coordinator = ref()
-        for group in (getattr(coordinator, "device_group", None), getattr(coordinator, "cpu_group", None)):
+        if coordinator is None:  # a weak reference to a coordinator already gone
+            continue
+        for group in (_require(coordinator, "device_group", "a group coordinator's device group"),
+                      _require(coordinator, "cpu_group", "a group coordinator's CPU group")):
             if group is not None and all(group is not g for g in groups):
                 groups.append(group)
     for group in groups:
@@ -315,31 +321,31 @@ def patch_lora_pinning() -> None:
             module.torch = _TorchWithoutPinning(torch)
 
 
-class no_pinning:
+@contextlib.contextmanager
+def no_pinning() -> Iterator[None]:
     """Context manager: ``Tensor.pin_memory`` returns the tensor itself while the engine runs
-    on a GPU-less host; the original method is back on exit."""
+    on a GPU-less host; the original method is back on exit. A generator with ``try/finally``, not
+    a class: an interrupt that lands as ``__exit__`` is called would skip a class's ``__exit__``
+    body and leave torch patched for good, while here it is raised at the ``yield``, inside the
+    ``try`` (tests/test_transactions.py delivers interrupts at every call)."""
+    import torch
 
-    _depth = 0
-    _original = None
+    if not pinning_unavailable():
+        yield
+        return
+    if _pinning["depth"] == 0:
+        _pinning["original"] = torch.Tensor.pin_memory
+        torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    _pinning["depth"] += 1
+    try:
+        yield
+    finally:
+        _pinning["depth"] -= 1
+        if _pinning["depth"] == 0:
+            torch.Tensor.pin_memory = _pinning["original"]
 
-    def __enter__(self):
-        import torch
 
-        if pinning_unavailable():
-            if no_pinning._depth == 0:
-                no_pinning._original = torch.Tensor.pin_memory
-                torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
-            no_pinning._depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if pinning_unavailable():
-            no_pinning._depth -= 1
-            if no_pinning._depth == 0:
-                torch.Tensor.pin_memory = no_pinning._original
-        return False
+_pinning = {"depth": 0, "original": None}
 
 
 _NO_NCCL = "/nonexistent/sglang-hf-bridge/libnccl-disabled.so"
@@ -366,10 +372,6 @@ def cpu_tensor_parallel_environment(tp_size: int) -> dict:
 
 
 # --- accessors for SGLang private state ----------------------------------------------------------
-class SGLangLayoutError(RuntimeError):
-    """The installed SGLang does not have the internal layout this bridge was written against."""
-
-
 def _require(obj, attr: str, what: str):
     if not hasattr(obj, attr):
         raise SGLangLayoutError(
@@ -426,16 +428,28 @@ def request_holds_kv(req) -> bool:
 
 
 def move_prefill_ids_to_device(batch) -> None:
-    """0.5.23 keeps extend input ids on the CPU (``prefill_input_ids_cpu``) until the scheduler's
-    overlap thread moves them; without that thread we move them ourselves."""
-    if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
+    """0.5.23 keeps extend input ids on the CPU (``prefill_input_ids_cpu``, a ``ScheduleBatch``
+    field that is None once moved) until the scheduler's overlap thread moves them; without that
+    thread we move them ourselves."""
+    cpu_ids = _require(batch, "prefill_input_ids_cpu", "a batch's extend input ids on the CPU")
+    if _require(batch, "input_ids", "a batch's input ids") is None and cpu_ids is not None:
         batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
         batch.prefill_input_ids_cpu = None
 
 
 def lora_manager(model_runner):
-    """SGLang's LoRA manager of a ModelRunner, or None when LoRA was not enabled."""
-    return getattr(model_runner, "lora_manager", None)
+    """SGLang's LoRA manager of a ModelRunner, or None when LoRA was not enabled (0.5.23 always
+    sets ``ModelRunner.lora_manager``, to None when LoRA is off: a runner without the attribute
+    raises instead of passing for "loaded with enable_lora=False")."""
+    return _require(model_runner, "lora_manager", "the model runner's LoRA manager (None when LoRA is off)")
+
+
+def lora_update_error(result) -> Optional[str]:
+    """None when SGLang's LoRA load/unload result (``LoRAUpdateOutput``) says it succeeded, else
+    its error message. A result without ``success`` raises: it must not pass for a success."""
+    if _require(result, "success", "whether a LoRA load/unload succeeded"):
+        return None
+    return _require(result, "error_message", "why a LoRA load/unload failed") or "no reason given"
 
 
 def lora_pool_buffers(manager) -> Tuple[dict, dict]:
@@ -449,9 +463,20 @@ def lora_pool_slot(manager, lora_id: str) -> int:
     return _require(pool, "get_buffer_id", "the LoRA pool's slot lookup")(lora_id)
 
 
-def lora_base_layer(layer):
-    """The plain linear layer under SGLang's LoRA wrapper (the layer itself when not wrapped)."""
-    return getattr(layer, "base_layer", layer)
+def lora_base_layer(layer, adapter_active: bool = False):
+    """The plain linear layer under SGLang's LoRA wrapper, or the layer itself when it is not
+    wrapped (LoRA off). Wrapped or not is decided by type (``BaseLayerWithLoRA``), never by a
+    missing attribute: a wrapper without ``base_layer`` raises, and so does an unwrapped layer
+    while an adapter is active (``adapter_active``), whose delta would silently be dropped."""
+    from sglang.srt.lora.layers import BaseLayerWithLoRA
+
+    if isinstance(layer, BaseLayerWithLoRA):
+        return _require(layer, "base_layer", "the linear layer under a LoRA wrapper")
+    if adapter_active:
+        raise SGLangLayoutError(
+            f"SGLang internals changed: an adapter is active but {type(layer).__name__} is not wrapped by "
+            "SGLang's LoRA layer (BaseLayerWithLoRA); this bridge supports sglang==0.5.23")
+    return layer
 
 
 def lora_layer_buffers(layer, fused_qkv: bool):
@@ -460,6 +485,67 @@ def lora_layer_buffers(layer, fused_qkv: bool):
     Raises instead of returning None: a missing buffer would silently drop LoRA deltas."""
     a, b = ("A_buffer_qkv", "B_buffer_qkv") if fused_qkv else ("A_buffer", "B_buffer")
     return _require(layer, a, "a LoRA layer's A buffer"), _require(layer, b, "a LoRA layer's B buffer")
+
+
+def request_to_token_pool(model_runner):
+    """The model runner's request-row pool (``ReqToTokenPool``: ``available_size``, ``free``)."""
+    return _require(model_runner, "req_to_token_pool", "the model runner's request-row pool")
+
+
+def kv_slot_allocator(model_runner):
+    """The model runner's KV-slot allocator (``available_size``, ``free``)."""
+    return _require(model_runner, "token_to_kv_pool_allocator", "the model runner's KV-slot allocator")
+
+
+def release_batch_kv_slots(batch, allocator) -> None:
+    """Give the KV slots a prepared ``ScheduleBatch`` holds (``out_cache_loc``) back to
+    ``allocator``; idempotent. Taking them from the batch and freeing them happen with no call of
+    this package in between, so an interrupt delivered at such a call cannot lose the slots."""
+    loc = _require(batch, "out_cache_loc", "the KV slots of a batch")
+    if loc is not None:
+        batch.out_cache_loc = None
+        allocator.free(loc)
+
+
+def forward_hidden_states(runner_output):
+    """The hidden states ``[num_tokens, H]`` our model returned through ``ModelRunner.forward``
+    (0.5.23 passes the model's return value on as ``ModelRunnerOutput.logits_output``)."""
+    import torch
+
+    out = _require(runner_output, "logits_output", "the model output of ModelRunner.forward")
+    if not isinstance(out, torch.Tensor):
+        raise SGLangLayoutError(
+            f"SGLang internals changed: ModelRunnerOutput.logits_output is a {type(out).__name__}, not the "
+            "hidden-state tensor the model returned; this bridge supports sglang==0.5.23")
+    return out
+
+
+def vocab_shard_range(embedding) -> Tuple[int, int]:
+    """``[start, end)`` of the real vocabulary rows a ``VocabParallelEmbedding`` holds on this rank."""
+    indices = _require(embedding, "shard_indices", "a vocab-parallel embedding's shard indices")
+    return (_require(indices, "org_vocab_start_index", "a vocab shard's first row"),
+            _require(indices, "org_vocab_end_index", "a vocab shard's end row"))
+
+
+def vocab_rows_per_rank(embedding) -> int:
+    """Rows (padding included) each rank's shard of a ``VocabParallelEmbedding`` has."""
+    return _require(embedding, "num_embeddings_per_partition", "a vocab-parallel embedding's rows per rank")
+
+
+def parse_to_arguments(*args, **kwargs):
+    """``(device, dtype, non_blocking, memory_format)`` as ``Tensor.to``/``Module.to`` read their
+    arguments (torch's private ``torch._C._nn._parse_to``)."""
+    import torch
+
+    return _require(torch._C._nn, "_parse_to", "torch's .to() argument parser")(*args, **kwargs)
+
+
+def default_process_group():
+    """torch.distributed's default process group (torch's private ``_get_default_group``)."""
+    import torch.distributed as dist
+
+    c10d = _require(dist, "distributed_c10d", "torch.distributed's c10d module")
+    return _require(c10d, "_get_default_group", "torch.distributed's default-group getter")()
 
 
 def tensor_version(tensor) -> int:

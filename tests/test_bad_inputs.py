@@ -137,5 +137,7 @@ def test_bad_load_arguments(roberta_checkpoint):
         SGLangRobertaForMaskedLM.from_pretrained(path, dtype="int8")
     with pytest.raises(ValueError, match="tp_size"):
         SGLangRobertaForMaskedLM.from_pretrained(path, tp_size=0)
+    with pytest.raises(ValueError, match="worker_start_timeout_s must be a number > 0"):
+        SGLangRobertaForMaskedLM.from_pretrained(path, worker_start_timeout_s=0)
     with pytest.raises(ValueError, match="max_num_tokens"):
         SGLangRobertaForMaskedLM.from_pretrained(path, max_num_tokens=8)

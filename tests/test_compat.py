@@ -9,6 +9,7 @@ from test_engine import _run
 
 from sglang_hf_bridge import SGLangRobertaForMaskedLM, compat
 from sglang_hf_bridge.engine.config import EngineConfig
+from sglang_hf_bridge.errors import SGLangLayoutError
 from sglang_hf_bridge.process import free_local_port
 
 
@@ -125,7 +126,7 @@ def test_pynccl_is_kept_off_on_cpu(monkeypatch):
     monkeypatch.delenv("SGLANG_NCCL_SO_PATH", raising=False)
     NCCLLibrary()  # loads: the stock path would go on to use NCCL on a CPU host
     monkeypatch.setenv("SGLANG_NCCL_SO_PATH", compat.cpu_tensor_parallel_environment(2)["SGLANG_NCCL_SO_PATH"])
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="cannot open shared object file"):
         NCCLLibrary()
 
 
@@ -195,3 +196,157 @@ def test_kv_pool_is_backed_by_memory_nobody_reads_so_the_engine_gives_it_back(ro
         assert all(t.is_meta for t in pool.k_buffer + pool.v_buffer)
         assert max_abs_diff(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits) <= 1e-5
         assert_pools_free(model)
+
+
+# --- accessors fail loudly when SGLang / torch are not laid out as this bridge expects -------------
+def test_lora_manager_is_read_not_defaulted():
+    """A runner without ``lora_manager`` raises (it would otherwise read as "LoRA disabled");
+    ``None`` -- how 0.5.23 says LoRA is off -- is returned as is."""
+    from types import SimpleNamespace
+
+    with pytest.raises(SGLangLayoutError, match=r"SimpleNamespace\.lora_manager"):
+        compat.lora_manager(SimpleNamespace())
+    assert compat.lora_manager(SimpleNamespace(lora_manager=None)) is None
+
+
+def test_lora_update_result_must_say_whether_it_succeeded():
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.io_struct import LoRAUpdateOutput
+
+    with pytest.raises(SGLangLayoutError, match=r"\.success"):
+        compat.lora_update_error(SimpleNamespace(error_message=None))  # not a silent success
+    assert compat.lora_update_error(LoRAUpdateOutput(success=True)) is None
+    assert compat.lora_update_error(LoRAUpdateOutput(success=False, error_message="pool full")) == "pool full"
+    assert compat.lora_update_error(LoRAUpdateOutput(success=False)) == "no reason given"
+
+
+def test_lora_base_layer_decides_by_type_not_by_a_missing_attribute():
+    """A LoRA wrapper whose base layer moved raises (its padded positions would lose their LoRA
+    delta); an unwrapped layer is legitimate only while no adapter is active."""
+    from sglang.srt.lora.layers import BaseLayerWithLoRA
+    from torch import nn
+
+    plain = nn.Linear(2, 2)
+    wrapper = BaseLayerWithLoRA(plain, lora_backend=None)
+    assert compat.lora_base_layer(wrapper, adapter_active=True) is plain
+    assert compat.lora_base_layer(plain) is plain
+    with pytest.raises(SGLangLayoutError, match="Linear is not wrapped"):
+        compat.lora_base_layer(plain, adapter_active=True)
+    del wrapper.base_layer
+    with pytest.raises(SGLangLayoutError, match=r"BaseLayerWithLoRA\.base_layer"):
+        compat.lora_base_layer(wrapper)
+
+
+def test_pool_and_batch_accessors_name_what_is_missing():
+    from types import SimpleNamespace
+
+    with pytest.raises(SGLangLayoutError, match=r"\.req_to_token_pool"):
+        compat.request_to_token_pool(SimpleNamespace(token_to_kv_pool_allocator=1))
+    with pytest.raises(SGLangLayoutError, match=r"\.token_to_kv_pool_allocator"):
+        compat.kv_slot_allocator(SimpleNamespace(req_to_token_pool=1))
+    with pytest.raises(SGLangLayoutError, match=r"\.out_cache_loc"):
+        compat.release_batch_kv_slots(SimpleNamespace(), None)
+    freed = []
+    allocator = SimpleNamespace(free=freed.append)
+    batch = SimpleNamespace(out_cache_loc="slots")
+    compat.release_batch_kv_slots(batch, allocator)
+    compat.release_batch_kv_slots(batch, allocator)  # idempotent
+    assert freed == ["slots"] and batch.out_cache_loc is None
+    with pytest.raises(SGLangLayoutError, match=r"\.prefill_input_ids_cpu"):
+        compat.move_prefill_ids_to_device(SimpleNamespace(input_ids=None))
+
+
+def test_forward_output_must_be_the_models_hidden_states():
+    """Anything but the tensor our model returned raises (no ``.embeddings`` guess)."""
+    from types import SimpleNamespace
+
+    hidden = torch.zeros(3, 4)
+    assert compat.forward_hidden_states(SimpleNamespace(logits_output=hidden)) is hidden
+    with pytest.raises(SGLangLayoutError, match=r"\.logits_output"):
+        compat.forward_hidden_states(SimpleNamespace())
+    with pytest.raises(SGLangLayoutError, match="logits_output is a SimpleNamespace"):
+        compat.forward_hidden_states(SimpleNamespace(logits_output=SimpleNamespace(embeddings=hidden)))
+
+
+def test_vocab_shard_accessors_name_what_is_missing():
+    from types import SimpleNamespace
+
+    with pytest.raises(SGLangLayoutError, match=r"\.shard_indices"):
+        compat.vocab_shard_range(SimpleNamespace())
+    with pytest.raises(SGLangLayoutError, match=r"\.org_vocab_end_index"):
+        compat.vocab_shard_range(SimpleNamespace(shard_indices=SimpleNamespace(org_vocab_start_index=0)))
+    indices = SimpleNamespace(org_vocab_start_index=8, org_vocab_end_index=16)
+    assert compat.vocab_shard_range(SimpleNamespace(shard_indices=indices)) == (8, 16)
+    with pytest.raises(SGLangLayoutError, match=r"\.num_embeddings_per_partition"):
+        compat.vocab_rows_per_rank(SimpleNamespace(weight=torch.zeros(4, 2)))  # no guess from the weight
+
+
+def test_torch_private_accessors_name_what_is_missing(monkeypatch):
+    import torch.distributed as dist
+
+    assert compat.parse_to_arguments(torch.float16)[1] is torch.float16
+    monkeypatch.delattr(torch._C._nn, "_parse_to")
+    with pytest.raises(SGLangLayoutError, match="_parse_to"):
+        compat.parse_to_arguments("cpu")
+    monkeypatch.delattr(dist.distributed_c10d, "_get_default_group")
+    with pytest.raises(SGLangLayoutError, match="_get_default_group"):
+        compat.default_process_group()
+
+
+def test_adapter_rollback_swallows_only_a_dead_engine():
+    """``EncoderRuntime.discard_adapter`` used to swallow every exception; now only a dead worker
+    or a closed engine (nothing left to undo) is skipped, with a debug log."""
+    from types import SimpleNamespace
+
+    from sglang_hf_bridge.engine.runtime import EncoderRuntime
+    from sglang_hf_bridge.errors import EngineClosedError, WorkerError
+
+    def failing(exc):
+        def collective_rpc(*args):
+            raise exc
+        return SimpleNamespace(collective_rpc=collective_rpc)
+
+    EncoderRuntime.discard_adapter(failing(WorkerError("rank 1 died")), "id")
+    EncoderRuntime.discard_adapter(failing(EngineClosedError("closed")), "id")
+    with pytest.raises(SGLangLayoutError):
+        EncoderRuntime.discard_adapter(failing(SGLangLayoutError("layout")), "id")
+
+
+def test_collective_timeouts_need_each_coordinators_groups(roberta, monkeypatch):
+    """A group coordinator without ``device_group`` raises instead of being skipped (its groups
+    would keep SGLang's two-hour timeout)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.distributed import parallel_state
+
+    _ = roberta  # a live engine: the parallel runtime exists
+    fake = SimpleNamespace(cpu_group=None)
+    monkeypatch.setitem(parallel_state._groups, "bridge-test-fake", lambda: fake)
+    with pytest.raises(SGLangLayoutError, match=r"SimpleNamespace\.device_group"):
+        compat.bound_collective_timeouts(60.0)
+
+
+def test_accessors_read_the_live_engine(roberta):
+    """The real engine path: every accessor finds SGLang 0.5.23's layout, and a forward (batch
+    pools, KV slots, hidden states, LoRA-wrapped layers) gives HF's answers."""
+    from conftest import assert_pools_free
+    from sglang.srt.layers.linear import QKVParallelLinear
+
+    hf, model = roberta
+    mr = model.runtime.model_runner
+    assert compat.lora_manager(mr) is not None  # LoRA is on by default
+    assert compat.request_to_token_pool(mr) is mr.req_to_token_pool
+    assert compat.kv_slot_allocator(mr) is mr.token_to_kv_pool_allocator
+    emb = mr.model.lm_head.word_embeddings
+    assert compat.vocab_shard_range(emb) == (0, hf.config.vocab_size)
+    assert compat.vocab_rows_per_rank(emb) >= hf.config.vocab_size
+    qkv = mr.model.layers[0].self_attn.qkv_proj
+    assert isinstance(compat.lora_base_layer(qkv, adapter_active=True), QKVParallelLinear)
+    assert compat.default_process_group() is not None
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 2, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits
+    assert max_abs_diff(model(ids, attention_mask=mask).logits, expected) <= 1e-5
+    assert_pools_free(model)

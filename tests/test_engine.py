@@ -33,10 +33,22 @@ def test_thousand_calls_leave_pools_as_they_were(roberta):
         assert max_abs_diff(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits) <= 1e-5
 
 
-def test_engine_never_reuses_a_shared_prefix(roberta):
+@pytest.fixture(scope="module")
+def roberta_backend(roberta, roberta_checkpoint):
+    """The same weights on SGLang's attention backend: K/V go through the KV pool, the path where
+    prefix reuse could happen at all (the default ``sdpa`` path keeps no K/V)."""
+    from sglang_hf_bridge import SGLangRobertaForMaskedLM
+
+    model = SGLangRobertaForMaskedLM.from_pretrained(roberta_checkpoint[0], encoder_attention="backend")
+    yield roberta[0], model
+    model.close()
+
+
+def test_engine_never_reuses_a_shared_prefix(roberta_backend):
     """Sequences sharing a long prefix with earlier ones must be computed from scratch: for a
     bidirectional encoder every prefix token's K/V depends on the tokens after it."""
-    hf, model = roberta
+    hf, model = roberta_backend
+    assert model.runtime.config.encoder_attention == "backend"
     mr = model.runtime.model_runner
     assert mr.server_args.disable_radix_cache
     torch.manual_seed(3)

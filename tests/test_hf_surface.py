@@ -220,6 +220,7 @@ def test_transformers_keywords_are_honoured_or_ignored(roberta_checkpoint, caplo
             ignore_mismatched_sizes=False, from_tf=False, from_flax=False, trust_remote_code=False,
             use_safetensors=True, output_loading_info=True, max_memory=None, offload_folder=None,
             max_running_requests=4,  # an SGLang ServerArgs field: passed through
+            worker_start_timeout_s=123,
         )
     with model:
         assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
@@ -228,6 +229,7 @@ def test_transformers_keywords_are_honoured_or_ignored(roberta_checkpoint, caplo
         assert max_abs_diff(out.logits, ref.logits) <= 1e-5
         assert len(out.hidden_states) == len(ref.hidden_states)
         assert model.runtime.config.engine_options == {"max_running_requests": 4}
+        assert model.runtime.config.start_timeout_s == 123.0
     # Hub options are honoured (a local directory needs no look-up, as in transformers); torch knobs ignored
     assert "ignoring cache_dir" not in caplog.text and "ignoring low_cpu_mem_usage" in caplog.text
 

@@ -215,3 +215,11 @@ def test_mezo_in_place_operations_are_whole(setup, kind, exc):
     finally:
         if kind == "adapter":
             model.delete_adapter("z")
+
+
+def test_faults_leave_torch_unpatched(setup):
+    """Last in the module, after hundreds of injected faults: the engine's no-pinning patch of
+    ``Tensor.pin_memory`` (a GPU-less host) is undone, also when a fault landed as a block was
+    left (it used to stay patched for the rest of the process)."""
+    assert compat._pinning["depth"] == 0
+    assert torch.Tensor.pin_memory is torch._C.TensorBase.pin_memory

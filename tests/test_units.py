@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_hf_bridge import SequenceTooLongError, compat
+from sglang_hf_bridge import SequenceTooLongError, compat, errors
 from sglang_hf_bridge.engine import tp_shards, versions
 from sglang_hf_bridge.engine.frozen_cache import FrozenLayerIndex, FrozenStateStore, sequence_identity
 from sglang_hf_bridge.engine.result_cache import ResultCache, result_nbytes
@@ -591,10 +591,11 @@ def test_tensor_version_and_lora_base_layer():
     before = compat.tensor_version(t)
     t[:1].add_(1.0)  # an in-place edit through a view moves the shared counter
     assert compat.tensor_version(t) == before + 1
-    plain = types.SimpleNamespace()
-    assert compat.lora_base_layer(plain) is plain
-    inner = object()
-    assert compat.lora_base_layer(types.SimpleNamespace(base_layer=inner)) is inner
+    from sglang.srt.lora.layers import BaseLayerWithLoRA
+
+    plain = torch.nn.Linear(2, 2)
+    assert compat.lora_base_layer(plain) is plain  # not wrapped (LoRA off): the layer itself
+    assert compat.lora_base_layer(BaseLayerWithLoRA(plain, lora_backend=None)) is plain
 
 
 # ============================================================================ process / workers
@@ -711,3 +712,42 @@ def test_engine_sources_never_import_modeling_or_training():
     imports = _absolute_imports(PACKAGE_DIR / "engine" / "workers.py", "sglang_hf_bridge.engine")
     resolved = dict((m, n) for n, m in imports)
     assert "sglang_hf_bridge.process" in resolved and "sglang_hf_bridge.engine.config" in resolved
+
+
+# --- errors: one module, one base class ----------------------------------------------------------
+_CAUGHT_BUILTINS = (ValueError, RuntimeError, OSError, TypeError)
+
+
+@pytest.mark.parametrize("name", errors.__all__)
+def test_every_error_subclasses_the_base_and_a_builtin(name):
+    import sglang_hf_bridge
+
+    cls = getattr(errors, name)
+    assert getattr(sglang_hf_bridge, name) is cls  # exported by the package
+    assert issubclass(cls, errors.SGLangBridgeError) and issubclass(cls, Exception)
+    if cls is not errors.SGLangBridgeError:
+        assert issubclass(cls, _CAUGHT_BUILTINS), f"{name} subclasses no builtin a caller catches"
+
+
+def test_old_error_import_paths_are_the_same_objects():
+    from sglang_hf_bridge import training
+    from sglang_hf_bridge.training import distributed
+
+    assert compat.SGLangLayoutError is errors.SGLangLayoutError
+    assert distributed.DataParallelError is errors.DataParallelError is training.DataParallelError
+    assert issubclass(errors.SGLangLayoutError, RuntimeError) and issubclass(errors.DataParallelError, RuntimeError)
+    assert issubclass(errors.EngineClosedError, RuntimeError)  # pytest.raises(RuntimeError) still catches it
+
+
+def test_the_rank_limit_is_one_class_caught_as_either_old_one():
+    assert issubclass(errors.AdapterRankError, errors.UnsupportedAdapterError)
+    assert issubclass(errors.AdapterRankError, errors.AdapterError)
+    assert issubclass(errors.AdapterRankError, ValueError)
+
+
+def test_a_model_without_an_engine_raises_engine_closed_error():
+    from sglang_hf_bridge.modeling.base import SGLangPreTrainedModel
+
+    stub = types.SimpleNamespace(_runtime=None)
+    with pytest.raises(errors.EngineClosedError, match="has no running engine"):
+        SGLangPreTrainedModel.runtime.fget(stub)

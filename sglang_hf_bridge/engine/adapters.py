@@ -14,7 +14,7 @@ from typing import Dict, FrozenSet, Mapping, Optional, Tuple
 import torch
 
 from .. import compat
-from ..errors import AdapterError
+from ..errors import AdapterError, AdapterRankError
 from ..sglang_models.weight_map import (
     LORA_FFN_PADDED,
     LORA_ROW_PARALLEL,
@@ -120,7 +120,7 @@ class AdapterPool:
         if len(self.adapters) >= limits.max_adapters:
             raise AdapterError(f"the engine holds at most {limits.max_adapters} adapters (max_loras); delete one first")
         if rank > limits.max_rank:
-            raise AdapterError(f"adapter rank {rank} is above the engine's max_lora_rank={limits.max_rank}")
+            raise AdapterRankError(f"adapter rank {rank} is above the engine's max_lora_rank={limits.max_rank}")
 
     def load(self, name: str, weights: AdapterWeights, rank: int, scaling: float, lora_id: str) -> EngineAdapter:
         from sglang.srt.lora.lora_registry import LoRARef
@@ -138,8 +138,9 @@ class AdapterPool:
             with compat.no_pinning():
                 tensors = sglang_adapter_tensors(full, config.intermediate_size)
                 result = self.engine.runner.load_lora_adapter_from_tensors(ref, tensors, config_dict)
-            if not getattr(result, "success", True):
-                raise AdapterError(f"SGLang refused adapter {name!r}: {result.error_message}")
+            error = compat.lora_update_error(result)
+            if error is not None:
+                raise AdapterError(f"SGLang refused adapter {name!r}: {error}")
             adapter = EngineAdapter(lora_id, name, rank, scaling, frozenset(full))
             self.adapters[lora_id] = adapter
             self._make_resident(adapter)
@@ -194,8 +195,9 @@ class AdapterPool:
         ref = self._lora_refs[lora_id]
         with compat.no_pinning():
             result = self.engine.runner.unload_lora_adapter(ref)
-        if not getattr(result, "success", True):
-            raise AdapterError(f"SGLang could not unload adapter {ref.lora_name!r}: {result.error_message}")
+        error = compat.lora_update_error(result)
+        if error is not None:
+            raise AdapterError(f"SGLang could not unload adapter {ref.lora_name!r}: {error}")
         del self._lora_refs[lora_id]
         self.adapters.pop(lora_id, None)
 

@@ -31,13 +31,12 @@ class ExtendBatch:
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
         mr = self.model_runner
-        cache = compat.NoPrefixCache(
-            page_size=1, device=mr.device, token_to_kv_pool_allocator=mr.token_to_kv_pool_allocator
-        )
+        allocator = compat.kv_slot_allocator(mr)
+        cache = compat.NoPrefixCache(page_size=1, device=mr.device, token_to_kv_pool_allocator=allocator)
         batch = ScheduleBatch.init_new(
             reqs=self.reqs,
-            req_to_token_pool=mr.req_to_token_pool,
-            token_to_kv_pool_allocator=mr.token_to_kv_pool_allocator,
+            req_to_token_pool=compat.request_to_token_pool(mr),
+            token_to_kv_pool_allocator=allocator,
             tree_cache=cache,
             model_config=mr.model_config,
             enable_overlap=False,
@@ -62,10 +61,8 @@ class ExtendBatch:
         if batch is None:
             return
         mr = self.model_runner
-        if batch.out_cache_loc is not None:
-            loc, batch.out_cache_loc = batch.out_cache_loc, None
-            mr.token_to_kv_pool_allocator.free(loc)
+        compat.release_batch_kv_slots(batch, compat.kv_slot_allocator(mr))
         for r in self.reqs:
             if compat.request_holds_kv(r):
-                mr.req_to_token_pool.free(r)
+                compat.request_to_token_pool(mr).free(r)
         self.schedule_batch = None

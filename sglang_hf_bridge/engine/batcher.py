@@ -30,8 +30,7 @@ Run = Callable[[EncoderCall], EncoderResult]
 
 def call_signature(call: EncoderCall) -> tuple:
     """What must be equal for two calls to share a pass (everything but the sequences)."""
-    return (call.logits, tuple(call.vocab_ids) if call.vocab_ids is not None else None, call.output_hidden_states,
-            call.return_last_hidden, call.start_layer, call.stop_layer, call.frozen is None)
+    return (*call.output_signature(), call.frozen is None)
 
 
 class _Pending:
@@ -52,10 +51,8 @@ class _Pending:
 class CallBatcher:
     """Runs ``run(merged_call)`` for groups of concurrent calls; ``max_rows`` caps a group."""
 
-    def __init__(self, run: Run, max_rows: int = 256, check: Optional[Callable[[EncoderCall], None]] = None,
-                 linger_s: float = 0.005):
+    def __init__(self, run: Run, max_rows: int = 256, linger_s: float = 0.005):
         self._run = run
-        self._check = check  # raises for a call that can no longer run (e.g. its adapter is gone)
         self.max_rows = max_rows
         self.linger_s = linger_s
         self._recent: Dict[int, float] = {}  # caller thread -> when it last submitted
@@ -125,18 +122,10 @@ class CallBatcher:
 
     def _execute(self, group: List[_Pending]) -> None:
         try:
-            runnable = []
-            for p in group:
-                try:
-                    if self._check is not None:
-                        self._check(p.call)
-                    runnable.append(p)
-                except Exception as e:  # noqa: BLE001 - this caller's problem only
-                    p.error, p.done = e, True
-            if len(runnable) == 1:
-                self._run_one(runnable[0])
-            elif runnable:
-                self._run_merged(runnable)
+            if len(group) == 1:
+                self._run_one(group[0])
+            else:
+                self._run_merged(group)
         except BaseException:
             # An interrupt of the leader: the others' calls go back to the front of the queue.
             with self._cv:

@@ -104,8 +104,7 @@ class EngineCaches:
     def forward(self, call: EncoderCall, run: Run) -> EncoderResult:
         if self.result is None:
             return self._with_frozen_plan(call, run)
-        signature = (call.logits, tuple(call.vocab_ids) if call.vocab_ids is not None else None,
-                     call.output_hidden_states, call.return_last_hidden, call.start_layer, call.stop_layer)
+        signature = call.output_signature()
         results: List[Optional[SequenceResult]] = [None] * len(call.sequences)
         todo: Dict[Hashable, int] = {}
         duplicates: List[tuple] = []

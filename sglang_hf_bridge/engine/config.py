@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from .. import compat
+from ..sglang_models.families import ENCODER_MLM_CLASS
 
 DEFAULT_MAX_NUM_TOKENS = 8192
 DEFAULT_MAX_RUNNING_REQUESTS = 256
@@ -18,7 +19,6 @@ DEFAULT_MAX_RUNNING_REQUESTS = 256
 LORA_ENGINE_MODULES = ("qkv_proj", "o_proj", "fc_in", "down_proj")
 # The shared secret of a tensor-parallel group (hex), for followers on other nodes.
 AUTHKEY_ENV = "SGLANG_HF_BRIDGE_TP_AUTHKEY"
-DEFAULT_MODEL_CLASS = "sglang_hf_bridge.sglang_models.roberta_mlm.SGLangBridgeRobertaForMaskedLM"
 
 
 @dataclass
@@ -61,7 +61,7 @@ class EngineConfig:
     # in the checkpoint's own config.json never reach SGLang.
     hf_config: Dict[str, Any] = field(default_factory=dict)
     # ``module.qualname`` of the SGLang-side model class (imported by every rank when it starts).
-    model_class: str = DEFAULT_MODEL_CLASS
+    model_class: str = ENCODER_MLM_CLASS
     device: str = "cpu"
     dtype: str = "float32"
     tp_size: int = 1
@@ -71,10 +71,10 @@ class EngineConfig:
     max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
     max_sequence_length: int = 512
-    attention_backend: Optional[str] = None
     # Who computes self-attention: "sdpa" -- the model calls torch's scaled_dot_product_attention on
     # each sequence's own q/k/v (what an encoder needs: one pass, nothing kept); "backend" -- SGLang's
-    # attention backend (``attention_backend``), which writes K/V to the KV pool and reads them back.
+    # attention backend (:meth:`resolved_attention_backend`), which writes K/V to the KV pool and
+    # reads them back.
     encoder_attention: str = "sdpa"
     random_seed: int = 0
     # LoRA slots; None = no LoRA machinery (see LoRAEngineConfig).
@@ -92,8 +92,10 @@ class EngineConfig:
         return max(1, self.tp_size // self.nnodes)
 
     def resolved_attention_backend(self) -> str:
-        if self.attention_backend:
-            return self.attention_backend
+        """The user's ``attention_backend=`` (an SGLang ServerArgs field, kept in ``engine_options``),
+        else the device's default."""
+        if self.engine_options.get("attention_backend"):
+            return self.engine_options["attention_backend"]
         return "torch_native" if self.device == "cpu" else "triton"
 
     def server_args_kwargs(self, dist_port: int, model_path: Optional[str] = None) -> Dict[str, Any]:

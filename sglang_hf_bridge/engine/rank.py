@@ -80,7 +80,7 @@ class RankEngine:
         from sglang.srt.configs.model_config import ModelConfig
         from sglang.srt.distributed import bootstrap
         from sglang.srt.model_executor.model_runner import ModelRunner
-        from sglang.srt.runtime_context import SpawnRanks, publish
+        from sglang.srt.runtime_context import SpawnRanks, get_schedule, publish
         from sglang.srt.server_args import ServerArgs
 
         server_args = ServerArgs(**cfg.server_args_kwargs(port, model_path=config_dir))
@@ -94,8 +94,10 @@ class RankEngine:
         if cfg.lora is not None:
             compat.patch_lora_pinning()
         with compat.no_pinning():
-            mr = ModelRunner(model_config=model_config, mem_fraction_static=0.9, gpu_id=local_rank,
-                             nccl_port=port, server_args=server_args)
+            # The fraction ServerArgs resolved (compat.cpu_server_args pins it on CPU; a user's
+            # mem_fraction_static= overrides it), read as SGLang's own TpModelWorker reads it.
+            mr = ModelRunner(model_config=model_config, mem_fraction_static=get_schedule().mem_fraction_static,
+                             gpu_id=local_rank, nccl_port=port, server_args=server_args)
             mr.alloc_memory_pool()
             mr.init_attention_backends()
             mr.init_cuda_graphs()
@@ -126,8 +128,8 @@ class RankEngine:
     def pool_stats(self) -> Dict[str, int]:
         mr = self.runner
         return {
-            "free_request_rows": mr.req_to_token_pool.available_size(),
-            "free_kv_slots": mr.token_to_kv_pool_allocator.available_size(),
+            "free_request_rows": compat.request_to_token_pool(mr).available_size(),
+            "free_kv_slots": compat.kv_slot_allocator(mr).available_size(),
         }
 
     # ------------------------------------------------------------------ forward
@@ -141,8 +143,8 @@ class RankEngine:
     def forward_engine(self, call: EncoderCall) -> EncoderResult:
         mr = self.runner
         results: List[SequenceResult] = [None] * len(call.sequences)  # type: ignore[list-item]
-        budget = min(self.config.max_num_tokens, mr.token_to_kv_pool_allocator.available_size())
-        rows = min(self.config.max_running_requests, mr.req_to_token_pool.available_size())
+        budget = min(self.config.max_num_tokens, compat.kv_slot_allocator(mr).available_size())
+        rows = min(self.config.max_running_requests, compat.request_to_token_pool(mr).available_size())
         for chunk in plan_chunks([len(s.input_ids) for s in call.sequences], budget, rows):
             for idx, res in zip(chunk, self._forward_chunk(mr, call, chunk)):
                 results[idx] = res
@@ -176,7 +178,7 @@ class RankEngine:
         with deferred_interrupts(), compat.no_pinning():
             try:
                 self.model.pass_inputs = pass_inputs
-                out = mr.forward(batch.prepare()).logits_output
+                out = mr.forward(batch.prepare())
             finally:
                 self.model.pass_inputs = None
                 try:
@@ -184,7 +186,7 @@ class RankEngine:
                 except BaseException:
                     batch.release()  # interrupted while giving memory back: finish, then raise
                     raise
-        hidden = out if isinstance(out, torch.Tensor) else getattr(out, "embeddings", out)
+        hidden = compat.forward_hidden_states(out)
         return self._split_results(call, seqs, starts, lens, hidden, pass_inputs)
 
     def _split_results(self, call, seqs, starts, lens, hidden, p: PassInputs) -> List[SequenceResult]:
@@ -272,7 +274,8 @@ def _query_only_tokens(seqs, starts, device, lora_groups) -> Optional[QueryOnlyT
 
 def warm_up_then_bound_collectives(engine: RankEngine) -> None:
     """Last start-up step on every rank: one tiny forward in lockstep (on CPU the first one
-    compiles SGLang's vocabulary-parallel helper, ~20 s cold, at a different pace on each rank),
-    still under the start-up limit; then every collective is bounded by ``worker_timeout_s``."""
+    compiles SGLang's vocabulary-parallel helper, slowly and at a different pace on each rank;
+    timings in docs/tensor-parallel.md), still under the start-up limit; then every collective is
+    bounded by ``worker_timeout_s``."""
     engine.forward(EncoderCall(sequences=[EncoderSequence(input_ids=[0, 0], position_ids=[0, 1])], logits="all"))
     compat.bound_collective_timeouts(engine.config.worker_timeout_s)

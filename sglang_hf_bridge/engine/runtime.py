@@ -14,13 +14,14 @@ loads, MeZO's in-place updates and cache changes take effect between passes, nev
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ..errors import AdapterError, EngineClosedError
+from ..errors import AdapterError, EngineClosedError, WorkerError
 from ..process import deferred_interrupts, free_local_port
 from . import rank_ops
 from .adapters import EngineAdapter
@@ -32,6 +33,8 @@ from .tp_shards import merge_lora, merge_parameters
 from .types import EncoderCall, EncoderResult
 from .versions import apply_effect
 from .workers import WorkerGroup
+
+logger = logging.getLogger(__name__)
 
 WeightIterator = Iterable[Tuple[str, torch.Tensor]]
 
@@ -169,8 +172,8 @@ class EncoderRuntime:
         """Unload ``lora_id`` wherever it is loaded (rollback; a no-op where it is not)."""
         try:
             self.collective_rpc(rank_ops.rank_discard_adapter, lora_id)
-        except Exception:  # noqa: BLE001 - a dead worker: the model is unusable anyway (WorkerError)
-            pass
+        except (WorkerError, EngineClosedError) as e:  # a dead worker or a closed engine: nothing left to undo
+            logger.debug("rollback of adapter %s skipped: %s", lora_id, e)
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
         """Every engine parameter at full (unsharded) size, gathered from all ranks."""

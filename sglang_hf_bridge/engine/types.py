@@ -94,6 +94,12 @@ class EncoderCall:
     stop_layer: Optional[int] = None
     frozen: Optional["FrozenPlan"] = None
 
+    def output_signature(self) -> tuple:
+        """What is asked of the rows -- everything but the sequences and the frozen plan: calls with
+        equal signatures can share a pass, and a cached result is only reused under its own."""
+        return (self.logits, tuple(self.vocab_ids) if self.vocab_ids is not None else None,
+                self.output_hidden_states, self.return_last_hidden, self.start_layer, self.stop_layer)
+
 
 @dataclass
 class FrozenPlan:

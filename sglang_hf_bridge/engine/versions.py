@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
+from ..sglang_models.families import HEAD_PREFIXES
+
 EMBEDDINGS = -1
 HEAD = 1 << 20  # sorts after every encoder layer
 
@@ -35,7 +37,7 @@ def base_layer_of(hf_name: str) -> int:
     m = _LAYER.search(hf_name)
     if m:
         return int(m.group(1))
-    if hf_name.startswith(("lm_head.", "cls.")):  # RoBERTa's / BERT's masked-LM head
+    if hf_name.startswith(HEAD_PREFIXES):  # every family's masked-LM head
         return HEAD
     return EMBEDDINGS  # embeddings (the tied decoder is the word-embedding matrix)
 

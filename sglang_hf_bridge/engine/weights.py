@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .. import compat
 from ..sglang_models.weight_map import (
     QKV_SHARDS,
     ffn_padded_dim,
@@ -35,7 +36,7 @@ def _tp() -> Tuple[int, int]:
 
 def _vocab_range(model, engine_name: str) -> Tuple[int, int]:
     emb = model.lm_head.word_embeddings if engine_name.startswith("lm_head.") else model.embeddings.word_embeddings
-    return emb.shard_indices.org_vocab_start_index, emb.shard_indices.org_vocab_end_index
+    return compat.vocab_shard_range(emb)
 
 
 def _rank_slice(model, engine_name: str, data: torch.Tensor, shard, rank: int, tp: int):

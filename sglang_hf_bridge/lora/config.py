@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import FrozenSet, Tuple
 
-from ..errors import UnsupportedAdapterError
+from ..errors import AdapterRankError, UnsupportedAdapterError
 from .names import hf_module_names, hf_module_to_engine
 
 
@@ -52,7 +52,7 @@ def resolve_adapter_spec(peft_config, model_config, max_rank: int) -> AdapterSpe
     if not isinstance(c.r, int) or c.r < 1:
         raise UnsupportedAdapterError(f"rank r={c.r!r} must be a positive integer")
     if c.r > max_rank:
-        raise UnsupportedAdapterError(
+        raise AdapterRankError(
             f"adapter rank r={c.r} is above the engine's max_lora_rank={max_rank}; "
             "load the model with a larger max_lora_rank"
         )

@@ -8,25 +8,33 @@ import os
 from typing import Dict, Type
 
 from ..errors import CheckpointError
+from ..sglang_models.families import FAMILIES
 from .masked_lm import SGLangMaskedLM
-
-# Base-model prefixes that tell a config-less family apart.
-FAMILY_BY_PREFIX = (("bert.", "bert"), ("cls.predictions.", "bert"), ("roberta.", "roberta"), ("lm_head.", "roberta"))
 
 
 def _families() -> Dict[str, Type[SGLangMaskedLM]]:
+    """model_type -> the face class for it: each face class whose config class is that model
+    type's, else its family's first class."""
     from .bert import SGLangBertForMaskedLM
     from .roberta import SGLangCamembertForMaskedLM, SGLangRobertaForMaskedLM, SGLangXLMRobertaForMaskedLM
 
-    return {"roberta": SGLangRobertaForMaskedLM, "xlm-roberta": SGLangXLMRobertaForMaskedLM,
-            "camembert": SGLangCamembertForMaskedLM, "bert": SGLangBertForMaskedLM}
+    classes = (SGLangRobertaForMaskedLM, SGLangXLMRobertaForMaskedLM, SGLangCamembertForMaskedLM,
+               SGLangBertForMaskedLM)
+    out: Dict[str, Type[SGLangMaskedLM]] = {}
+    for cls in classes:
+        for model_type in cls.model_types:
+            if cls.config_class.model_type == model_type or model_type not in out:
+                out[model_type] = cls
+    return out
 
 
 def _family_from_tensors(directory: str, use_safetensors) -> str:
+    """The model_type of the one family whose own name prefixes the checkpoint's tensors carry."""
     from ..checkpoint import checkpoint_tensor_names, locate_checkpoint
 
     names = checkpoint_tensor_names(locate_checkpoint(directory, use_safetensors=use_safetensors))
-    found = {family for prefix, family in FAMILY_BY_PREFIX if any(n.startswith(prefix) for n in names)}
+    found = {family.model_types[0] for family in FAMILIES
+             if any(n.startswith(family.name_prefixes) for n in names)}
     if len(found) != 1:
         raise CheckpointError(
             f"{directory!r}: config.json has no model_type and the tensor names do not tell the family "

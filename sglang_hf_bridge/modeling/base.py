@@ -26,8 +26,9 @@ from ..checkpoint import (
     validate_masked_lm_config,
 )
 from ..engine import EncoderRuntime, EngineConfig, LoRAEngineConfig
-from ..errors import CheckpointError, InferenceOnlyError, UnsupportedLoadOptionError
+from ..errors import CheckpointError, EngineClosedError, InferenceOnlyError, UnsupportedLoadOptionError
 from ..hub import hub_options, resolve_model_directory
+from ..sglang_models.families import Family, family_for
 from .adapters import SGLangAdapterMixin
 from .caching import EngineCacheMixin
 from .hf_surface import (
@@ -138,20 +139,30 @@ def check_tensor_parallel_size(config, tp_size: int, device: str = "cpu") -> Non
 class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin, PreTrainedModel):
     """PreTrainedModel whose weights live in an SGLang ModelRunner, not in torch parameters."""
 
-    base_model_prefix = "roberta"
-    # Default position ids: RoBERTa's (real tokens counted from pad_token_id + 1) or, when True,
-    # BERT's absolute 0..T-1.
-    absolute_position_ids: bool = False
-    # The checkpoint model_types this class loads (empty: any supported one); a config without
-    # model_type is read as ``config_class``'s (the first of them).
-    model_types: Tuple[str, ...] = ()
+    # The checkpoint family this class loads (sglang_models/families.py): every fact about it --
+    # model types, names, position ids, tying, the SGLang-side class -- comes from there. A config
+    # without model_type is read as ``config_class``'s.
+    family: Optional[Family] = None
     # transformers' class whose names and shapes a checkpoint must match (the loading oracle).
     hf_model_class: str = ""
+    # Derived from ``family`` for each subclass (read by transformers and by the face's methods).
+    base_model_prefix = "roberta"
+    absolute_position_ids: bool = False
+    model_types: Tuple[str, ...] = ()
     sglang_architecture: str = ""
-    # ``module.qualname`` of the SGLang-side model class (imported when the engine starts).
     sglang_model_class: str = ""
     supports_gradient_checkpointing = False
     _supports_sdpa = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        family = cls.__dict__.get("family")
+        if family is not None:
+            cls.base_model_prefix = family.weight_map.hf_prefix
+            cls.absolute_position_ids = family.absolute_position_ids
+            cls.model_types = family.model_types
+            cls.sglang_architecture = family.sglang_architecture
+            cls.sglang_model_class = family.sglang_model_class
 
     def __init__(self, config, runtime: Optional[EncoderRuntime] = None):
         super().__init__(config)
@@ -178,6 +189,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         max_loras: int = 8,
         result_cache_mb: float = 0.0,
         worker_timeout_s: float = 30.0,
+        worker_start_timeout_s: float = 600.0,
         encoder_attention: Optional[str] = None,
         **kwargs: Any,
     ):
@@ -188,11 +200,12 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         engine pass carries); larger calls are split. ``enable_lora`` starts SGLang's LoRA
         machinery with room for ``max_loras`` resident adapters of rank <= ``max_lora_rank``.
         ``result_cache_mb`` > 0 turns the whole-sequence result cache on (see
-        ``enable_result_cache``). ``encoder_attention``: ``"sdpa"`` (default on CPU) -- the model runs
-        torch's SDPA on each sequence's own q/k/v; ``"backend"`` (default on CUDA and when
-        ``attention_backend=`` is given) -- SGLang's attention backend, through the KV pool. Same
-        answers (tested); ``"sdpa"`` skips the KV round trip. The first call in a process imports
-        SGLang (a few seconds).
+        ``enable_result_cache``). ``worker_timeout_s`` bounds every wait on a TP worker once the
+        engine runs, ``worker_start_timeout_s`` the TP start-up as a whole. ``encoder_attention``:
+        ``"sdpa"`` (default on CPU) -- the model runs torch's SDPA on each sequence's own q/k/v;
+        ``"backend"`` (default on CUDA and when ``attention_backend=`` is given) -- SGLang's
+        attention backend, through the KV pool. Same answers (tested); ``"sdpa"`` skips the KV
+        round trip. The first call in a process imports SGLang (a few seconds).
 
         Other keywords, as transformers takes them (table: ``TRANSFORMERS_LOAD_KEYWORDS``):
         honoured -- ``torch_dtype`` (= ``dtype``), ``device_map`` naming one device, ``config=``
@@ -229,6 +242,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             files, plan, config, torch_device, torch_dtype, tp_size, max_num_tokens,
             LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
             sglang_options, worker_timeout_s=worker_timeout_s, encoder_attention=encoder_attention,
+            worker_start_timeout_s=worker_start_timeout_s,
         )
         runtime = _start_runtime(engine_config, files)
         model = cls(config, runtime=runtime)
@@ -264,19 +278,19 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
 
     @classmethod
     def max_sequence_length(cls, config) -> int:
-        """Tokens one sequence may have (RoBERTa's position ids start after the padding index)."""
-        if cls.absolute_position_ids:
-            return int(config.max_position_embeddings)
-        return int(config.max_position_embeddings - config.pad_token_id - 1)
+        """Tokens one sequence may have (the family's position-id rule)."""
+        return (cls.family or family_for(config)).max_sequence_length(config)
 
     @classmethod
     def _engine_config(cls, files: CheckpointFiles, plan: LoadPlan, config, device: torch.device,
                        dtype: torch.dtype, tp_size,
                        max_num_tokens, lora: Optional[LoRAEngineConfig], engine_options: dict,
-                       worker_timeout_s: float = 30.0, encoder_attention: Optional[str] = None) -> EngineConfig:
+                       worker_timeout_s: float = 30.0, encoder_attention: Optional[str] = None,
+                       worker_start_timeout_s: float = 600.0) -> EngineConfig:
         """Validate the engine-shaping arguments (before any process starts) into an EngineConfig."""
-        if not isinstance(worker_timeout_s, (int, float)) or worker_timeout_s <= 0:
-            raise ValueError(f"worker_timeout_s must be a number > 0, got {worker_timeout_s!r}")
+        for name, value in (("worker_timeout_s", worker_timeout_s), ("worker_start_timeout_s", worker_start_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
         check_tensor_parallel_size(config, tp_size, device.type)
@@ -315,6 +329,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             engine_options=engine_options,
             lora=lora,
             worker_timeout_s=float(worker_timeout_s),
+            start_timeout_s=float(worker_start_timeout_s),
             encoder_attention=encoder_attention,
         )
         if max_num_tokens is not None:
@@ -323,10 +338,10 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         return engine_config
 
     @property
-    def mask_token_id(self) -> int:
+    def mask_token_id(self) -> Optional[int]:
         """The id ``compute_mlm_logits`` looks for when ``positions=None``: ``config.mask_token_id``,
-        else the checkpoint's tokenizer files (read by ``from_pretrained``), else ``vocab_size - 1``.
-        Assign to change it."""
+        else the checkpoint's tokenizer files (read by ``from_pretrained``), else None (such a call
+        then asks for ``mask_token_id=``). Assign to change it."""
         return self._mask_token[0]
 
     @mask_token_id.setter
@@ -338,7 +353,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
     def runtime(self) -> EncoderRuntime:
         """The engine underneath (:mod:`sglang_hf_bridge.engine`'s interface)."""
         if self._runtime is None or not self._runtime.started:
-            raise RuntimeError(
+            raise EngineClosedError(
                 f"{type(self).__name__} has no running engine (closed, or not loaded with from_pretrained)")
         return self._runtime
 

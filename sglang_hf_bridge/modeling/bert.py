@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from transformers import BertConfig
 
+from ..sglang_models.families import BERT_FAMILY
 from .masked_lm import SGLangMaskedLM
 
 
 class SGLangBertForMaskedLM(SGLangMaskedLM):
     config_class = BertConfig
-    base_model_prefix = "bert"
-    absolute_position_ids = True
-    model_types = ("bert",)
+    family = BERT_FAMILY
     hf_model_class = "BertForMaskedLM"

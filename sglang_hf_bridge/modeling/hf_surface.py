@@ -24,11 +24,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .. import log_control
+from .. import compat, log_control
 from ..checkpoint import read_config, validate_masked_lm_config
 from ..engine import hf_parameter_slices, rank_set_hf_tensors
 from ..errors import CheckpointError, UnsupportedLoadOptionError, UnsupportedOperationError
 from ..hub import HUB_OPTIONS
+from ..sglang_models.families import ties_word_embeddings
 from ..sglang_models.weight_map import weight_map_for
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def _state_aliases(config, prefix: str) -> Dict[str, Optional[str]]:
     names = weight_map_for(config)
     decoder, bias = names.head_decoder, names.head_bias
     buffers = dict.fromkeys(f"{prefix}.{b}" for b in _BUFFERS)
-    if getattr(config, "tie_word_embeddings", True):
+    if ties_word_embeddings(config):
         return {f"{decoder}.weight": None, f"{decoder}.bias": None, **buffers}
     return {f"{decoder}.bias": bias, bias: None, **buffers}
 
@@ -245,7 +246,7 @@ class HFSurfaceMixin:
     def get_output_embeddings(self) -> nn.Linear:
         """An ``nn.Linear`` over the engine's decoder (the word embeddings when tied) and
         ``lm_head.bias``; views at ``tp_size=1``, gathered copies under tensor parallelism."""
-        tied = getattr(self.config, "tie_word_embeddings", True)
+        tied = ties_word_embeddings(self.config)
         weight = self._engine_tensor("embeddings.word_embeddings.weight" if tied else "lm_head.decoder.weight")
         return _frozen_linear(weight, self._engine_tensor("lm_head.bias"))
 
@@ -322,7 +323,7 @@ class HFSurfaceMixin:
     def to(self, *args, **kwargs):
         """A no-op when the device/dtype are the engine's; anything else raises: the engine's
         device and dtype are chosen when it starts."""
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, _, _ = compat.parse_to_arguments(*args, **kwargs)
         if device is not None and not self._same_device(torch.device(device)):
             raise UnsupportedOperationError(
                 f"cannot move {type(self).__name__} to {device}: its SGLang engine runs on {self.device}. Choose "
@@ -362,7 +363,7 @@ class HFSurfaceMixin:
         # transformers' state dict also lists the tied copies it does not save
         names = weight_map_for(self.config)
         word_embeddings = f"{self.base_model_prefix}.embeddings.word_embeddings.weight"
-        if getattr(self.config, "tie_word_embeddings", True) and word_embeddings in state:
+        if ties_word_embeddings(self.config) and word_embeddings in state:
             state.setdefault(f"{names.head_decoder}.weight", state[word_embeddings])
         if names.head_bias in state:
             state.setdefault(f"{names.head_decoder}.bias", state[names.head_bias])

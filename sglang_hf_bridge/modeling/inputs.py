@@ -15,6 +15,7 @@ import torch
 
 from ..engine import EncoderSequence, QueryOnlySpec
 from ..errors import InputValidationError
+from ..sglang_models.families import family_for
 
 
 @dataclass
@@ -120,7 +121,7 @@ def validate_inputs(config, input_ids, attention_mask, token_type_ids, position_
     if int(pos.min()) < 0:
         raise InputValidationError(f"position_ids must be >= 0, got {int(pos.min())}")
     if int(pos.max()) >= max_pos:
-        limit = max_pos if absolute_positions else max_pos - config.pad_token_id - 1
+        limit = family_for(config).max_sequence_length(config)
         raise InputValidationError(
             f"sequence too long: position id {int(pos.max())} does not fit max_position_embeddings={max_pos} "
             f"(at most {limit} tokens per sequence for this model)"

@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoint import NEUTRAL_HEAD_HINT, SUPPORTED_MODEL_TYPES, CheckpointFiles, checkpoint_tensor_shapes
 from ..errors import CheckpointError
+from ..sglang_models.families import ties_word_embeddings
 from ..sglang_models.weight_map import weight_map_for
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _tied_targets(model, config) -> Dict[str, str]:
     tied = getattr(model, "all_tied_weights_keys", None)
     if tied is None:  # older transformers: the class table, applied when the config ties
         tied = getattr(model, "_tied_weights_keys", None) or {}
-        if not isinstance(tied, dict) or not getattr(config, "tie_word_embeddings", True):
+        if not isinstance(tied, dict) or not ties_word_embeddings(config):
             tied = {}
     return dict(tied)
 

@@ -25,10 +25,6 @@ class SGLangMaskedLM(SGLangPreTrainedModel):
     layers as in HF: the embedding output plus one tensor per encoder layer.
     """
 
-    # Every family runs on the same SGLang-side model; its weight map is picked by model_type.
-    sglang_architecture = "SGLangBridgeRobertaForMaskedLM"
-    sglang_model_class = "sglang_hf_bridge.sglang_models.roberta_mlm.SGLangBridgeRobertaForMaskedLM"
-
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -112,7 +108,7 @@ class SGLangMaskedLM(SGLangPreTrainedModel):
         or ``(row, column)`` pairs (an ``[N, 2]`` tensor; output rows follow their order).
         ``vocab_ids``: restrict the output columns to these ids (e.g. label words). The mask id
         is ``mask_token_id``, else ``model.mask_token_id``: ``config.mask_token_id``, else the
-        checkpoint's tokenizer files (read once by ``from_pretrained``), else ``vocab_size - 1``.
+        checkpoint's tokenizer files (read once by ``from_pretrained``), else an error asking for it.
         ``token_type_ids`` / ``position_ids``: as in ``forward`` (sentence-pair prompts).
         ``adapter_names``: one adapter per row, as in ``forward``.
         Returns ``[N, V]`` or ``[N, len(vocab_ids)]``.

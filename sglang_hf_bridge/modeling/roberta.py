@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from transformers import CamembertConfig, RobertaConfig, XLMRobertaConfig
 
+from ..sglang_models.families import ROBERTA_FAMILY
 from .masked_lm import SGLangMaskedLM
 
 
@@ -13,8 +14,7 @@ class SGLangRobertaForMaskedLM(SGLangMaskedLM):
     and CamemBERT checkpoints)."""
 
     config_class = RobertaConfig
-    base_model_prefix = "roberta"
-    model_types = ("roberta", "xlm-roberta", "camembert")
+    family = ROBERTA_FAMILY
     hf_model_class = "RobertaForMaskedLM"
 
 

@@ -10,6 +10,7 @@ import torch
 from ..atomic_dir import ADAPTER_FILES, MODEL_FILES, replacing_directory
 from ..checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
 from ..lora.files import check_adapter_target, write_adapter_files
+from ..sglang_models.families import ties_word_embeddings
 from ..sglang_models.weight_map import QKV_SHARDS, ffn_padded_dim, shard_rule, weight_map_for
 
 
@@ -19,7 +20,7 @@ def engine_state_dict(params: Dict[str, torch.Tensor], config) -> Dict[str, torc
     state: Dict[str, torch.Tensor] = {}
     H = config.hidden_size
     names = weight_map_for(config)
-    duplicates = names.saved_duplicates(getattr(config, "tie_word_embeddings", True))
+    duplicates = names.saved_duplicates(ties_word_embeddings(config))
     for engine_name, param in params.items():
         tensor = param.detach().to("cpu")
         if shard_rule(engine_name) == "vocab":

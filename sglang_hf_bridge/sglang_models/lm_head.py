@@ -19,6 +19,9 @@ from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_worl
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from torch import nn
 
+from .. import compat
+from .families import ties_word_embeddings
+
 
 class MaskedLMHead(nn.Module):
     def __init__(self, config, word_embeddings):
@@ -26,7 +29,7 @@ class MaskedLMHead(nn.Module):
         self.vocab_size = config.vocab_size
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        if getattr(config, "tie_word_embeddings", True):
+        if ties_word_embeddings(config):
             # Not registered as a submodule: the decoder is tied, the embedding owns the weight.
             self._embedding = [word_embeddings]
         else:
@@ -41,9 +44,7 @@ class MaskedLMHead(nn.Module):
         return self._embedding[0]
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor):
-        emb = self.word_embeddings
-        start = emb.shard_indices.org_vocab_start_index
-        end = emb.shard_indices.org_vocab_end_index
+        start, end = compat.vocab_shard_range(self.word_embeddings)
         param.data.zero_()
         param.data[: end - start].copy_(loaded[start:end])
 
@@ -62,8 +63,7 @@ class MaskedLMHead(nn.Module):
             return logits[:, : self.vocab_size]
         if tp == 1:
             return F.linear(h, emb.weight[vocab_ids], self.bias[vocab_ids])
-        start = emb.shard_indices.org_vocab_start_index
-        end = emb.shard_indices.org_vocab_end_index
+        start, end = compat.vocab_shard_range(emb)
         local = (vocab_ids >= start) & (vocab_ids < end)
         idx = torch.where(local, vocab_ids - start, torch.zeros_like(vocab_ids))
         part = F.linear(h, emb.weight[idx], self.bias[idx]) * local.to(h.dtype)
@@ -73,9 +73,8 @@ class MaskedLMHead(nn.Module):
 def _unpad_gathered(logits: torch.Tensor, emb, vocab_size: int) -> torch.Tensor:
     """All-gathered shards are ``[shard0 | shard1 | ...]`` each padded: keep the real rows."""
     tp = get_tensor_model_parallel_world_size()
-    shard = emb.weight.shape[0]
     pieces = []
-    per_rank = emb.num_embeddings_per_partition if hasattr(emb, "num_embeddings_per_partition") else shard
+    per_rank = compat.vocab_rows_per_rank(emb)
     for r in range(tp):
         lo = r * per_rank
         start = min(r * per_rank, vocab_size)

@@ -30,6 +30,7 @@ from sglang.srt.model_loader.weight_utils import default_weight_loader
 from torch import nn
 
 from .. import compat
+from .families import ties_word_embeddings
 from .lm_head import MaskedLMHead
 from .weight_map import canonical_name, ffn_padded_dim, pad_dim, weight_map_for
 
@@ -100,8 +101,8 @@ class RobertaSelfAttention(nn.Module):
 
         The same SDPA call SGLang's torch_native backend makes per request, without the round
         trip through the KV pool (write every K/V, gather them back): an encoder's K/V are never
-        read again, and at batch 1 that round trip and the backend's per-request bookkeeping cost
-        ~4 ms of a ~75 ms roberta-base call on the CPU host (bench_forward --latency)."""
+        read again, so that round trip and the backend's per-request bookkeeping are pure overhead
+        (measured in docs/benchmarks.md, "Latency")."""
         outs = []
         for qs, ks, vs in zip(q.split(segments), k.split(segments), v.split(segments)):
             qs, ks, vs = (t.view(-1, self.num_heads, self.head_dim).transpose(0, 1) for t in (qs, ks, vs))
@@ -126,9 +127,9 @@ class RobertaSelfAttention(nn.Module):
 def _query_only_linear(layer, x, lora, n_slices: int = 1):
     """A (possibly LoRA-wrapped) SGLang linear layer applied to query-only rows, outside the
     engine batch: base weights, plus each row's adapter delta read from the LoRA pool slot."""
-    base = compat.lora_base_layer(layer)
+    base = compat.lora_base_layer(layer, adapter_active=lora is not None)
     out, _ = base(x)
-    if lora is None or base is layer:
+    if lora is None:
         return out
     A_all, B_all = compat.lora_layer_buffers(layer, fused_qkv=n_slices == 3)
     for slot, rank, scaling, rows in lora.groups:
@@ -259,7 +260,7 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         zero-padding the FFN to the size SGLang built it with. Returns loaded engine names."""
         params = dict(self.named_parameters())
         names = weight_map_for(self.config)
-        skip = set(names.skipped_when_loading(getattr(self.config, "tie_word_embeddings", True)))
+        skip = set(names.skipped_when_loading(ties_word_embeddings(self.config)))
         padded_ffn = self.config.intermediate_size
         loaded = set()
         for name, tensor in weights:

@@ -258,14 +258,15 @@ BERT = WeightMap(
     ignored=(re.compile(r"^embeddings\.position_ids$"), re.compile(r"^pooler\."),
              re.compile(r"^cls\.seq_relationship\.")),
 )
-WEIGHT_MAPS = {"roberta": ROBERTA, "xlm-roberta": ROBERTA, "camembert": ROBERTA, "bert": BERT}
 # Every base-model prefix any family uses (PEFT adapter keys may carry any of them).
 BASE_MODEL_PREFIXES = tuple(dict.fromkeys(p for m in (ROBERTA, BERT) for p in m.accepted_prefixes))
 
 
 def weight_map_for(config) -> WeightMap:
-    """The weight map of a config's ``model_type`` (KeyError for an unsupported one)."""
-    return WEIGHT_MAPS[config.model_type]
+    """The weight map of a config's family (:mod:`.families`; KeyError for an unsupported one)."""
+    from .families import family_for
+
+    return family_for(config).weight_map
 
 
 @functools.lru_cache(maxsize=None)

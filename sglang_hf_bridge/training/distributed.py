@@ -26,14 +26,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import List, Optional, Sequence
 
+from ..errors import DataParallelError  # defined in errors.py; importable from here too
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DataParallelError", "DataParallelReducer", "Launch", "keep_launcher_timeout", "launch_from_env",
            "prepare_default_group", "reducer_for_trainer"]
-
-
-class DataParallelError(RuntimeError):
-    """A distributed launch MeZO cannot train correctly, or another process of the run failed."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def keep_launcher_timeout(timeout_s: float) -> None:
     from .. import compat
 
     if dist.is_initialized() and not compat.sglang_world_is_default():
-        dist.set_timeout(timedelta(seconds=float(timeout_s)), dist.distributed_c10d._get_default_group())
+        dist.set_timeout(timedelta(seconds=float(timeout_s)), compat.default_process_group())
 
 
 class DataParallelReducer:
