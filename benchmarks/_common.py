@@ -86,7 +86,12 @@ def time_it(fn: Callable[[], object], repeats: int = 1, warmup: int = 1) -> floa
 
 
 def environment() -> Dict[str, object]:
+    from sglang_hf_bridge.engine.gemm import host_description
+
+    host = host_description()
     return {
+        "cpu": host["cpu"],
+        "simd": host["simd"],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

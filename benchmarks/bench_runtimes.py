@@ -1,34 +1,40 @@
 """The runtimes users would pick instead: ONNX Runtime and OpenVINO against transformers and this project.
 
-Every path computes the same answers -- the full-vocabulary logits at each "<mask>" of the SST-2
-prompts -- on the same random roberta-base-shaped checkpoint, in one run:
+Every path computes the same answers on the same random roberta-base-shaped checkpoint, in one run,
+at batch sizes 1, 8, 32 and 64, for two tasks: "mask" -- the full-vocabulary logits at each "<mask>"
+of the SST-2 prompts -- and "forward" -- ``model(**batch).logits``, the logits at every position of the
+padded batch (compared at the real tokens):
 
-  transformers sdpa           RobertaForMaskedLM's encoder (sdpa), LM head only at the masks
+  transformers defaults       RobertaForMaskedLM.from_pretrained(ckpt) as a script gets it, batches in
+                              data order, full logits then the rows picked (float32)
+  transformers sdpa           RobertaForMaskedLM's encoder (sdpa) on length-sorted batches, LM head only
+                              on the answer rows: its strongest setting
   ONNX Runtime                that encoder exported once with torch.onnx.export (hidden states out,
                               dynamic batch and length), CPUExecutionProvider, all graph optimisations
   ONNX Runtime, fused         the same file through onnxruntime.transformers.optimizer (fused attention,
                               LayerNorm, GELU; model_type "bert") when it applies
   OpenVINO f32 / bf16         the same ONNX file read by OpenVINO (INFERENCE_PRECISION_HINT f32 / bf16;
                               OpenVINO picks bf16 by itself on CPUs with AVX512-BF16 or AMX)
-  this project                compute_mlm_logits (engine with enable_lora=False)
+  this project                compute_mlm_logits ("mask") / forward ("forward"), enable_lora=False
 
 The ONNX Runtime and OpenVINO paths apply the LM head in torch at the mask rows (in the path's
-precision), so the encoder is what is compared. All batches are length-sorted (least padding: the
-strongest setting for the padded runtimes; the engine does not pad anyway). Each path's answers are
-checked against transformers float32 (max abs error over the mask logits). A first pass over all
+precision), so the encoder is what is compared. All batches but the "defaults" row's are length-sorted
+(least padding: the strongest setting for the padded runtimes; the engine does not pad anyway). Each
+path's answers are checked against transformers float32 (max abs error over the answer logits). A first pass over all
 batches warms every path up (every shape) and collects the answers; the timed pass then runs batch
 by batch with every path in turn, so load from other processes slows all paths alike.
 
-Fraction of peak: the script measures this machine's GEMM peak per dtype itself (torch.matmul of
-2048x768 @ 768x3072, best of several reps, at the start and again at the end) and each path's
+Fraction of peak: the script measures this machine's honest GEMM peak per dtype itself (the best of
+every matrix-product path here -- torch's F.linear, oneDNN's linear, ONNX Runtime's and OpenVINO's
+MatMul -- on 2048x768 @ 768x3072, at the start and again at the end; benchmarks/gemm_peak.py) and each path's
 achieved FLOP/s from the useful work: 2 x (encoder matmul parameters) per real token + attention
 (4 x hidden x length per token and layer: QK^T and PV over the real tokens) + the LM head at the
 masks (2 x (H*H + H*V) each). Padding is not counted: a padded path that computes more than that is
 charged for it.
 
     pip install -e ".[runtimes]"                      # onnxruntime, openvino, onnx
-    python benchmarks/bench_runtimes.py                # all 872 prompts, float32 + bfloat16 (~15 min, 2 CPU cores)
-    python benchmarks/bench_runtimes.py --limit 128    # quick look
+    python benchmarks/bench_runtimes.py --limit 128    # float32 + bfloat16, both tasks, batches 1/8/32/64
+    python benchmarks/bench_runtimes.py --batch-sizes 32 --tasks mask    # quick look
 
 Paths whose package is not installed are skipped with a message; the rest still run.
 """
@@ -47,23 +53,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, TOKENIZER_DIR, prompts, report, roberta_base_checkpoint  # noqa: E402
+from gemm_peak import honest_peak  # noqa: E402
 
 
 def installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def gemm_peak(dtype: torch.dtype, m: int = 2048, k: int = 768, n: int = 3072, reps: int = 8) -> float:
-    """Best FLOP/s of torch.matmul [m, k] @ [k, n] in ``dtype`` on this machine."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(2):
-        torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best
+def _peak_text(peaks) -> str:
+    return ", ".join(f"{k} {v['flop_per_s'] / 1e9:.0f} GFLOP/s ({v['path']})" for k, v in peaks.items())
 
 
 def useful_flops(config, lengths, n_masks: int) -> float:
@@ -125,8 +123,11 @@ def fused_onnx(path: Path, config) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N sentences (0 = all 872)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--tasks", nargs="+", default=["mask", "forward"], choices=["mask", "forward"],
+                    help="mask: logits at the masks (compute_mlm_logits); forward: logits at every token")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--gemm", default=None, help="the engine's GEMM path (default: auto, chosen on this host)")
     ap.add_argument("--threads", type=int, default=0, help="torch/ORT/OpenVINO threads (0 = torch's default)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "runtimes.json")
     args = ap.parse_args()
@@ -138,50 +139,25 @@ def main() -> None:
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
 
     threads = torch.get_num_threads()
-    peaks = {name: gemm_peak(getattr(torch, name)) for name in ("float32", "bfloat16")}
-    print("GEMM peak (torch.matmul 2048x768 @ 768x3072): "
-          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    peaks = {name: honest_peak(getattr(torch, name)) for name in args.dtypes}
+    print("GEMM peak (best path, 2048x768 @ 768x3072): " + _peak_text(peaks), flush=True)
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     texts = prompts(args.limit)
     lengths = [len(ids) for ids in tok(texts)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    data = [tok([texts[i] for i in order[s : s + args.batch_size]], return_tensors="pt", padding=True)
-            for s in range(0, len(texts), args.batch_size)]
     mask_id = tok.mask_token_id
-    at_mask = [b["input_ids"] == mask_id for b in data]
-    n_masks = sum(int(m.sum()) for m in at_mask)
     ckpt = roberta_base_checkpoint()
-    hf = {"float32": RobertaForMaskedLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()}
+    hf = {dtype: RobertaForMaskedLM.from_pretrained(ckpt, attn_implementation="sdpa",
+                                                    dtype=getattr(torch, dtype)).eval()
+          for dtype in sorted(set(args.dtypes) | {"float32"})}
+    hf_eager = RobertaForMaskedLM.from_pretrained(ckpt).eval()  # transformers' defaults, as a script loads it
     config = hf["float32"].config
-    flops = useful_flops(config, lengths, n_masks)
-    padded = sum(b["input_ids"].numel() for b in data)
-
-    with torch.inference_mode():
-        reference = [hf["float32"].lm_head(Encoder(hf["float32"])(b["input_ids"], b["attention_mask"])[m])
-                     for b, m in zip(data, at_mask)]
-
-    skipped = []
-    paths = []  # (path, dtype, note, fn(i) -> mask logits of batch i)
-
-    def head_at_masks(dtype: str, hidden, i: int):
-        model = hf[dtype]
-        return model.lm_head(torch.as_tensor(hidden).to(model.dtype)[at_mask[i]])
-
-    engines = []
+    engines, engine_gemm = {}, {}
     for dtype in args.dtypes:
-        if dtype not in hf:
-            hf[dtype] = RobertaForMaskedLM.from_pretrained(ckpt, attn_implementation="sdpa",
-                                                           dtype=getattr(torch, dtype)).eval()
-        model = hf[dtype]
-        paths.append(("transformers sdpa, LM head at the mask", dtype, "",
-                      lambda i, m=model: m.lm_head(Encoder(m)(**data[i])[at_mask[i]])))
-        ours = SGLangRobertaForMaskedLM.from_pretrained(ckpt, dtype=dtype, enable_lora=False)
-        engines.append(ours)
-        paths.append(("sglang_hf_bridge compute_mlm_logits", dtype, "enable_lora=False",
-                      lambda i, m=ours: m.compute_mlm_logits(data[i]["input_ids"], data[i]["attention_mask"],
-                                                             mask_token_id=mask_id)))
+        engines[dtype] = SGLangRobertaForMaskedLM.from_pretrained(ckpt, dtype=dtype, enable_lora=False, gemm=args.gemm)
+        engine_gemm[dtype] = engines[dtype].runtime.config.gemm
 
+    skipped, runtimes = [], []  # runtimes: (name, dtype, note, fn(feed) -> hidden states [B, T, H])
     if not installed("onnx") or not (installed("onnxruntime") or installed("openvino")):
         skipped.append("ONNX Runtime / OpenVINO: packages not installed (pip install -e \".[runtimes]\" "
                        "installs onnxruntime, openvino, onnx)")
@@ -190,8 +166,6 @@ def main() -> None:
         t0 = time.perf_counter()
         onnx_path = export_onnx(ckpt, tok)
         print(f"ONNX encoder: {onnx_path} ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-    feeds = [{"input_ids": b["input_ids"].numpy(), "attention_mask": b["attention_mask"].numpy()} for b in data]
     if onnx_path is not None and installed("onnxruntime") and "float32" in args.dtypes:
         import onnxruntime as ort
 
@@ -209,13 +183,10 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a variant that does not apply is reported, not fatal
                 skipped.append(f"{name}: {type(e).__name__}: {e}")
                 continue
-            paths.append((name, "float32", f"onnxruntime {ort.__version__}",
-                          lambda i, s=session: head_at_masks("float32", s.run(None, feeds[i])[0], i)))
+            runtimes.append((name, "float32", f"onnxruntime {ort.__version__}",
+                             lambda feed, s=session: s.run(None, feed)[0]))
     elif onnx_path is not None and installed("onnxruntime"):
         skipped.append("ONNX Runtime: measured in float32 only (its CPU provider has no bfloat16 kernels)")
-    elif onnx_path is not None:
-        skipped.append("ONNX Runtime: onnxruntime not installed (pip install onnxruntime)")
-
     if onnx_path is not None and installed("openvino"):
         import openvino as ov
 
@@ -226,63 +197,116 @@ def main() -> None:
             compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                             "INFERENCE_NUM_THREADS": threads,
                                                             "PERFORMANCE_HINT": "LATENCY"})
-
             request = compiled.create_infer_request()
 
-            def run_ov(i, request=request, dtype=dtype):
-                request.infer(feeds[i])
-                return head_at_masks(dtype, request.get_output_tensor(0).data.copy(), i)
+            def run_ov(feed, request=request):
+                request.infer(feed)
+                return request.get_output_tensor(0).data.copy()
 
-            paths.append((f"OpenVINO ({hint})", dtype, f"openvino {ov.__version__}", run_ov))
-    elif onnx_path is not None:
-        skipped.append("OpenVINO: openvino not installed (pip install openvino)")
+            runtimes.append((f"OpenVINO ({hint})", dtype, f"openvino {ov.__version__}", run_ov))
 
-    # Pass 1 (untimed): every path's answers, for the error column, and warm-up of every shape.
-    # Pass 2 (timed): batch by batch, every path in turn, so load from other processes slows all alike.
-    outputs = {p[0] + p[1]: [] for p in paths}
-    seconds = {p[0] + p[1]: 0.0 for p in paths}
+    rows = []
+    for batch_size in args.batch_sizes:
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        data = [tok([texts[i] for i in order[s : s + batch_size]], return_tensors="pt", padding=True)
+                for s in range(0, len(texts), batch_size)]
+        unsorted = [tok(texts[s : s + batch_size], return_tensors="pt", padding=True)
+                    for s in range(0, len(texts), batch_size)]
+        feeds = [{"input_ids": b["input_ids"].numpy(), "attention_mask": b["attention_mask"].numpy()} for b in data]
+        at_mask = [b["input_ids"] == mask_id for b in data]
+        real = [b["attention_mask"].bool() for b in data]
+        for task in args.tasks:
+            rows += _run_task(task, batch_size, data, unsorted, feeds, at_mask, real, hf, hf_eager, engines,
+                              runtimes, mask_id, lengths, config)
+    for ours in engines.values():
+        ours.close()
+    gc.collect()
+    for name in peaks:  # measured again at the end: the best of both (the machine may have been busy once)
+        again = honest_peak(getattr(torch, name))
+        if again["flop_per_s"] > peaks[name]["flop_per_s"]:
+            peaks[name] = again
+    for r in rows:
+        r["fraction_of_gemm_peak"] = r["gflop_per_s"] * 1e9 / peaks[r["dtype"]]["flop_per_s"]
+        key = (r["task"], r["batch"], r["dtype"])
+        peers = [o["seconds"] for o in rows
+                 if (o["task"], o["batch"], o["dtype"]) == key and not o["path"].startswith("sglang_hf_bridge")]
+        r["vs_fastest_peer_same_dtype"] = min(peers) / r["seconds"] if peers else float("nan")
+    for line in skipped:
+        print(f"SKIPPED: {line}")
+    report(
+        f"bench_runtimes: {len(texts)} SST-2 prompts, roberta-base shape, length-sorted batches, {threads} threads; "
+        "GEMM peak " + _peak_text(peaks),
+        rows,
+        ["task", "batch", "dtype", "path", "seconds", "sequences_per_s", "gflop_per_s", "fraction_of_gemm_peak",
+         "vs_fastest_peer_same_dtype", "max_err"],
+        args.out,
+        extra={"gemm_peak": peaks, "engine_gemm": engine_gemm, "real_tokens": sum(lengths), "skipped": skipped},
+    )
+
+
+def _run_task(task, batch_size, data, unsorted, feeds, at_mask, real, hf, hf_eager, engines, runtimes, mask_id,
+              lengths, config):
+    """Every path on one task at one batch size: answers checked against transformers float32, then
+    timed batch by batch with every path in turn (load from other processes slows all alike)."""
+    n_masks = sum(int(m.sum()) for m in at_mask)
+    select = at_mask if task == "mask" else real  # the rows whose logits are the answer
+
+    def head(dtype, hidden, i):
+        model = hf[dtype]
+        hidden = torch.as_tensor(hidden).to(model.dtype)
+        if task == "mask":
+            return model.lm_head(hidden[select[i]])
+        return model.lm_head(hidden)[select[i]]  # logits at every position, as model(**batch).logits
+
+    paths = []  # (name, dtype, note, fn(i) -> answer rows, data it runs on)
+    for dtype, ours in engines.items():
+        model = hf[dtype]
+        if task == "mask":
+            paths.append(("transformers sdpa, length-sorted, LM head at the mask", dtype, "its strongest setting",
+                          lambda i, m=model: m.lm_head(Encoder(m)(**data[i])[select[i]])))
+        else:
+            paths.append(("transformers sdpa, length-sorted", dtype, "its strongest setting",
+                          lambda i, m=model: m(**data[i]).logits[select[i]]))
+        if task == "mask":
+            paths.append(("sglang_hf_bridge compute_mlm_logits", dtype, f"gemm={ours.runtime.config.gemm}",
+                          lambda i, m=ours: m.compute_mlm_logits(data[i]["input_ids"], data[i]["attention_mask"],
+                                                                 mask_token_id=mask_id)))
+        else:
+            paths.append(("sglang_hf_bridge forward", dtype, f"gemm={ours.runtime.config.gemm}",
+                          lambda i, m=ours: m(**data[i]).logits[real[i]]))
+    # transformers as a script gets it: default attention, batches in data order, full logits then picked
+    defaults = [(b, b["input_ids"] == mask_id if task == "mask" else b["attention_mask"].bool()) for b in unsorted]
+    paths.append(("transformers defaults, unsorted batches", "float32", "from_pretrained(ckpt)", None))
+    for name, dtype, note, run in runtimes:
+        paths.append((name, dtype, note, lambda i, run=run, dtype=dtype: head(dtype, run(feeds[i]), i)))
+
     with torch.inference_mode():
-        for i in range(len(data)):
-            for name, dtype, _, fn in paths:
-                outputs[name + dtype].append(fn(i))
+        reference = [hf["float32"].lm_head(Encoder(hf["float32"])(**b)[sel]) for b, sel in zip(data, select)]
+        errors = {}
+        for name, dtype, _, fn in paths:
+            if fn is not None:
+                errors[name + dtype] = max((fn(i).float() - reference[i]).abs().max().item() for i in range(len(data)))
+        seconds = {p[0] + p[1]: 0.0 for p in paths}
         for i in range(len(data)):
             for name, dtype, _, fn in paths:
                 t0 = time.perf_counter()
-                fn(i)
+                if fn is None:
+                    b, sel = defaults[i]
+                    hf_eager(**b).logits[sel]
+                else:
+                    fn(i)
                 seconds[name + dtype] += time.perf_counter() - t0
-    for ours in engines:
-        ours.close()
-
+    flops = useful_flops(config, lengths, n_masks if task == "mask" else sum(lengths))
     rows = []
     for name, dtype, note, _ in paths:
         t = seconds[name + dtype]
-        err = max((o.float() - r).abs().max().item() for o, r in zip(outputs[name + dtype], reference))
-        rows.append({"path": name, "dtype": dtype, "seconds": t, "sequences_per_s": len(texts) / t,
-                     "real_tokens_per_s": sum(lengths) / t, "gflop_per_s": flops / t / 1e9,
-                     "max_err_vs_hf_fp32": err, "max_err": f"{err:.1e}", "note": note})
-        print(f"{name} [{dtype}]: {t:.2f} s, {flops / t / 1e9:.1f} GFLOP/s, max err {err:.1e}", flush=True)
-    gc.collect()
-    for name in peaks:  # measured again at the end: the best of both (the machine may have been busy once)
-        peaks[name] = max(peaks[name], gemm_peak(getattr(torch, name)))
-    for r in rows:
-        r["fraction_of_gemm_peak"] = r["gflop_per_s"] * 1e9 / peaks[r["dtype"]]
-    for line in skipped:
-        print(f"SKIPPED: {line}")
-    base = {r["dtype"]: r["seconds"] for r in rows if r["path"].startswith("transformers")}
-    for r in rows:
-        r["vs_transformers_same_dtype"] = base.get(r["dtype"], float("nan")) / r["seconds"]
-        r["vs_transformers_fp32"] = base.get("float32", float("nan")) / r["seconds"]
-    report(
-        f"bench_runtimes: {len(texts)} SST-2 prompts, roberta-base shape, length-sorted batches of {args.batch_size}, "
-        f"{threads} threads, {100 * (1 - sum(lengths) / padded):.0f}% padding in the padded paths; GEMM peak "
-        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
-        rows,
-        ["path", "dtype", "seconds", "sequences_per_s", "real_tokens_per_s", "gflop_per_s", "fraction_of_gemm_peak",
-         "vs_transformers_same_dtype", "vs_transformers_fp32", "max_err"],
-        args.out,
-        extra={"gemm_peak_flop_per_s": peaks, "useful_flops": flops, "masks": n_masks, "real_tokens": sum(lengths),
-               "padded_tokens": padded, "skipped": skipped},
-    )
+        err = errors.get(name + dtype)
+        rows.append({"task": task, "batch": batch_size, "path": name, "dtype": dtype, "seconds": t,
+                     "sequences_per_s": sum(len(b["input_ids"]) for b in data) / t, "gflop_per_s": flops / t / 1e9,
+                     "max_err_vs_hf_fp32": err, "max_err": "" if err is None else f"{err:.1e}", "note": note})
+        print(f"{task} b={rows[-1]['batch']} {name} [{dtype}]: {t:.2f} s, {flops / t / 1e9:.1f} GFLOP/s, "
+              f"max err {rows[-1]['max_err']}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -56,8 +56,7 @@ from _common import (  # noqa: E402
     roberta_base_checkpoint,
     tiny_checkpoint,
 )
-
-from sglang_hf_bridge.accuracy import PROBE_LABEL_WORDS, PROBE_TEXTS, half_precision_bounds, measure  # noqa: E402
+from accuracy_rule import PROBE_LABEL_WORDS, PROBE_TEXTS, half_precision_bounds, measure  # noqa: E402
 
 FP32_TOL = {"cpu": 1e-5, "cuda": 1e-4}  # x max(1, max|ref|); CUDA's is a starting point (not measured here)
 TEXTS, LABEL_WORDS = PROBE_TEXTS, PROBE_LABEL_WORDS  # the prompts the half-precision rule was measured on
@@ -66,7 +65,7 @@ TEXTS, LABEL_WORDS = PROBE_TEXTS, PROBE_LABEL_WORDS  # the prompts the half-prec
 # ---------------------------------------------------------------- accuracy rules
 def accuracy_rows(check, dtype, tp, what, ours, theirs, ref, device):
     """Rows for one comparison: float32 -> absolute tolerance against ``ref``; half -> the project's
-    half-precision rule (``sglang_hf_bridge.accuracy``, the one the tests assert)."""
+    half-precision rule (``benchmarks/accuracy_rule.py``, the one the tests assert)."""
     name = str(dtype).replace("torch.", "")
     if dtype == torch.float32:
         err = measure(ours, ref)["max"]

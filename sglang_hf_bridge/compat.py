@@ -255,22 +255,28 @@ def bound_collective_timeouts(seconds: float) -> int:
     return len(groups)
 
 
-_COLLECTIVE_FAILURE_TEXTS = ("gloo", "nccl", "timed out waiting", "connection closed by peer",
-                             "connection reset by peer", "pair closure", "broken pipe")
+# Where a collective is run: an error raised inside these modules' frames is a failed collective.
+_COLLECTIVE_MODULES = ("torch.distributed", "sglang.srt.distributed")
 
 
 def is_collective_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective that failed because a peer rank is gone or silent. gloo
-    reports both as a plain ``RuntimeError`` (not ``torch.distributed.DistError``) whose text
-    names its transport: "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms
-    for recv operation to complete", "Connection closed by peer", and on the next call
-    "Application timeout caused pair closure"."""
+    """Whether ``exc`` is a failed collective (a peer rank gone or silent), decided by its type and
+    by where it was raised, never by its message: torch's ``DistError`` family, or a
+    ``RuntimeError`` whose innermost frame is in torch.distributed or SGLang's communication
+    layer. gloo needs the second rule: a silent or dead peer surfaces as a plain ``RuntimeError``
+    raised from C++ under ``distributed_c10d`` ("Timed out waiting 5000ms for recv operation",
+    "Connection closed by peer"; ``test_gloo_waits_for_a_stopped_peer_until_its_group_timeout``)."""
     import torch.distributed as dist
 
     dist_error = getattr(dist, "DistError", None)
     if dist_error is not None and isinstance(exc, dist_error):
         return True
-    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _COLLECTIVE_FAILURE_TEXTS)
+    if not isinstance(exc, RuntimeError) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith(_COLLECTIVE_MODULES)
 
 
 # --- LoRA on a GPU-less host ------------------------------------------------------------------
@@ -479,6 +485,16 @@ def lora_base_layer(layer, adapter_active: bool = False):
     return layer
 
 
+def lora_layer_active(layer) -> bool:
+    """Whether SGLang's LoRA wrapper ``layer`` adds adapter deltas in the current batch (False
+    for an unwrapped layer, and for base-only batches: see :func:`skip_lora_on_base_batches`)."""
+    from sglang.srt.lora.layers import BaseLayerWithLoRA
+
+    if not isinstance(layer, BaseLayerWithLoRA):
+        return False
+    return bool(_require(layer, "lora_active", "a LoRA layer's per-batch switch"))
+
+
 def lora_layer_buffers(layer, fused_qkv: bool):
     """The ``[slots, ...]`` A/B buffers a LoRA-wrapped linear layer reads in 0.5.23
     (``A_buffer_qkv``/``B_buffer_qkv`` on the fused QKV layer, ``A_buffer``/``B_buffer`` else).
@@ -507,16 +523,16 @@ def release_batch_kv_slots(batch, allocator) -> None:
         allocator.free(loc)
 
 
-def forward_hidden_states(runner_output):
-    """The hidden states ``[num_tokens, H]`` our model returned through ``ModelRunner.forward``
-    (0.5.23 passes the model's return value on as ``ModelRunnerOutput.logits_output``)."""
-    import torch
+def forward_outputs(runner_output):
+    """What our model returned through ``ModelRunner.forward`` (a ``PassOutputs``; 0.5.23 passes
+    the model's return value on unchanged as ``ModelRunnerOutput.logits_output``)."""
+    from .sglang_models.forward_context import PassOutputs
 
     out = _require(runner_output, "logits_output", "the model output of ModelRunner.forward")
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(out, PassOutputs):
         raise SGLangLayoutError(
             f"SGLang internals changed: ModelRunnerOutput.logits_output is a {type(out).__name__}, not the "
-            "hidden-state tensor the model returned; this bridge supports sglang==0.5.23")
+            "PassOutputs the model returned; this bridge supports sglang==0.5.23")
     return out
 
 
@@ -525,11 +541,6 @@ def vocab_shard_range(embedding) -> Tuple[int, int]:
     indices = _require(embedding, "shard_indices", "a vocab-parallel embedding's shard indices")
     return (_require(indices, "org_vocab_start_index", "a vocab shard's first row"),
             _require(indices, "org_vocab_end_index", "a vocab shard's end row"))
-
-
-def vocab_rows_per_rank(embedding) -> int:
-    """Rows (padding included) each rank's shard of a ``VocabParallelEmbedding`` has."""
-    return _require(embedding, "num_embeddings_per_partition", "a vocab-parallel embedding's rows per rank")
 
 
 def parse_to_arguments(*args, **kwargs):
@@ -593,6 +604,52 @@ def release_unread_kv_memory(model_runner) -> int:
     pool.k_buffer, pool.v_buffer = [unbacked(t) for t in keys], [unbacked(t) for t in values]
     init_pointers()
     return sum(storages.values())
+
+
+# --- the GEMM behind SGLang's linear layers (engine/gemm.py chooses it) ------------------------------
+# SGLang 0.5.23's ``UnquantizedLinearMethod.apply`` ends in ``F.linear`` on CPU (its packed AMX
+# kernel needs the sgl_kernel CPU build, absent here), and its LoRA layers call the same
+# ``base_layer.quant_method.apply``. Routing a linear through another GEMM is a ``quant_method``
+# whose ``apply`` calls it; only plain unquantized layers are routed, anything else fails loudly.
+def onednn_linear_available() -> bool:
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x, weight, bias, activation: str = "none"):
+    """oneDNN's linear on 2-D ``x`` (torch's private ``mkldnn._linear_pointwise``, the op
+    torch.compile's CPU backend emits), reading ``weight`` as stored (nothing prepacked).
+    ``activation="gelu"`` fuses the exact (erf) GELU into the product's epilogue."""
+    import torch
+
+    op = _require(torch.ops.mkldnn, "_linear_pointwise", "torch's oneDNN linear (mkldnn._linear_pointwise)")
+    if activation == "gelu":
+        return op(x, weight, bias, "gelu", [], "none")  # algorithm "none" = erf, "tanh" = the approximation
+    return op(x, weight, bias, "none", [], "")
+
+
+def route_linear_layers(model, linear) -> int:
+    """Make every SGLang linear layer of ``model`` compute ``linear(x, weight, bias)``; returns how
+    many layers were routed. Refuses a layer whose method is not SGLang's plain unquantized one."""
+    from sglang.srt.layers.linear import LinearBase
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+    class RoutedLinearMethod(UnquantizedLinearMethod):
+        def apply(self, layer, x, bias=None):
+            return linear(x, layer.weight, bias)
+
+    routed = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase):
+            continue
+        method = _require(module, "quant_method", f"{name}'s linear method")
+        if type(method) is not UnquantizedLinearMethod and type(method).__name__ != "RoutedLinearMethod":
+            raise SGLangLayoutError(f"SGLang internals changed: {name} computes through {type(method).__name__}, "
+                                    "not the unquantized linear method this bridge routes")
+        module.quant_method = RoutedLinearMethod()
+        routed += 1
+    return routed
 
 
 # --- SGLang's world beside another default process group (data-parallel launches) ------------------

@@ -21,6 +21,10 @@ from transformers import (
 
 import sglang_hf_bridge  # noqa: F401  (configures SGLang before anything imports it)
 
+# The engine caches its per-host GEMM choice (engine/gemm.py); tests keep it out of the home folder.
+os.environ.setdefault("SGLANG_HF_BRIDGE_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                            f"sglang-hf-bridge-test-cache-{os.getuid()}"))
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SGLANG_HF_BRIDGE_DATA", REPO / "data"))
 TOKENIZER_DIR = DATA / "tokenizers" / "roberta-base"

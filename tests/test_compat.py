@@ -257,16 +257,18 @@ def test_pool_and_batch_accessors_name_what_is_missing():
         compat.move_prefill_ids_to_device(SimpleNamespace(input_ids=None))
 
 
-def test_forward_output_must_be_the_models_hidden_states():
-    """Anything but the tensor our model returned raises (no ``.embeddings`` guess)."""
+def test_forward_output_must_be_the_models_pass_outputs():
+    """Anything but the PassOutputs our model returned raises (no ``.embeddings`` guess)."""
     from types import SimpleNamespace
 
-    hidden = torch.zeros(3, 4)
-    assert compat.forward_hidden_states(SimpleNamespace(logits_output=hidden)) is hidden
+    from sglang_hf_bridge.sglang_models.forward_context import PassOutputs
+
+    out = PassOutputs(hidden=torch.zeros(3, 4))
+    assert compat.forward_outputs(SimpleNamespace(logits_output=out)) is out
     with pytest.raises(SGLangLayoutError, match=r"\.logits_output"):
-        compat.forward_hidden_states(SimpleNamespace())
-    with pytest.raises(SGLangLayoutError, match="logits_output is a SimpleNamespace"):
-        compat.forward_hidden_states(SimpleNamespace(logits_output=SimpleNamespace(embeddings=hidden)))
+        compat.forward_outputs(SimpleNamespace())
+    with pytest.raises(SGLangLayoutError, match="logits_output is a Tensor"):
+        compat.forward_outputs(SimpleNamespace(logits_output=out.hidden))
 
 
 def test_vocab_shard_accessors_name_what_is_missing():
@@ -278,8 +280,6 @@ def test_vocab_shard_accessors_name_what_is_missing():
         compat.vocab_shard_range(SimpleNamespace(shard_indices=SimpleNamespace(org_vocab_start_index=0)))
     indices = SimpleNamespace(org_vocab_start_index=8, org_vocab_end_index=16)
     assert compat.vocab_shard_range(SimpleNamespace(shard_indices=indices)) == (8, 16)
-    with pytest.raises(SGLangLayoutError, match=r"\.num_embeddings_per_partition"):
-        compat.vocab_rows_per_rank(SimpleNamespace(weight=torch.zeros(4, 2)))  # no guess from the weight
 
 
 def test_torch_private_accessors_name_what_is_missing(monkeypatch):
@@ -340,7 +340,6 @@ def test_accessors_read_the_live_engine(roberta):
     assert compat.kv_slot_allocator(mr) is mr.token_to_kv_pool_allocator
     emb = mr.model.lm_head.word_embeddings
     assert compat.vocab_shard_range(emb) == (0, hf.config.vocab_size)
-    assert compat.vocab_rows_per_rank(emb) >= hf.config.vocab_size
     qkv = mr.model.layers[0].self_attn.qkv_proj
     assert isinstance(compat.lora_base_layer(qkv, adapter_active=True), QKVParallelLinear)
     assert compat.default_process_group() is not None
@@ -350,3 +349,20 @@ def test_accessors_read_the_live_engine(roberta):
         expected = hf(ids, attention_mask=mask).logits
     assert max_abs_diff(model(ids, attention_mask=mask).logits, expected) <= 1e-5
     assert_pools_free(model)
+
+
+def test_collective_failure_is_decided_by_type_and_origin_not_by_message():
+    """A user's RuntimeError that merely mentions "nccl" or "gloo" is not a broken TP group; a
+    DistError is (a RuntimeError raised inside torch.distributed, gloo's way, runs for real in
+    test_tp_security's stopped-peer test)."""
+    import torch.distributed as dist
+
+    def raise_here():
+        raise RuntimeError("NCCL error: gloo connection closed by peer, timed out waiting")
+
+    try:
+        raise_here()
+    except RuntimeError as e:
+        assert not compat.is_collective_failure(e)
+    assert compat.is_collective_failure(dist.DistBackendError("x"))
+    assert not compat.is_collective_failure(ValueError("nccl"))

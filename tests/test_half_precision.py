@@ -10,7 +10,7 @@ loses no more accuracy than transformers does*. Every test here therefore comput
 - ``ours``:   the engine in that dtype,
 
 and asserts, over the compared elements (``assert_as_accurate``; the rule lives in
-``sglang_hf_bridge.accuracy``, shared with ``benchmarks/device_check.py``):
+``benchmarks/accuracy_rule.py``, shared with ``benchmarks/device_check.py``):
 
 1. ``mean|ours - ref| <= 1.5 * mean|theirs - ref| + ulp`` and ``max|ours - ref| <= 2 * max|theirs - ref|
    + ulp``, with ``ulp`` one unit in the last place of the half dtype at ``max|ref|``
@@ -53,6 +53,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,14 +63,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import RobertaForMaskedLM, pipeline
 
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
-from sglang_hf_bridge.accuracy import MARGIN, PROBE_LABEL_WORDS, PROBE_TEXTS, half_precision_bounds, ulp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the rule is test/benchmark policy
+from accuracy_rule import MARGIN, PROBE_LABEL_WORDS, PROBE_TEXTS, half_precision_bounds, ulp  # noqa: E402
 
 HALF = [torch.bfloat16, torch.float16]
 TEXTS, LABEL_WORDS = PROBE_TEXTS, PROBE_LABEL_WORDS
 
 
 def assert_as_accurate(ours, theirs, ref, dtype, what=""):
-    """The rule of the module docstring (``sglang_hf_bridge.accuracy``); returns both measurements."""
+    """The rule of the module docstring (``benchmarks/accuracy_rule.py``); returns both measurements."""
     bounds, m_ours, m_theirs = half_precision_bounds(ours, theirs, ref, dtype)
     for b in bounds:
         relation = ">=" if b.higher_is_better else "<="

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sglang_hf_bridge import SequenceTooLongError, compat, errors
-from sglang_hf_bridge.engine import tp_shards, versions
+from sglang_hf_bridge.engine import versions
 from sglang_hf_bridge.engine.frozen_cache import FrozenLayerIndex, FrozenStateStore, sequence_identity
 from sglang_hf_bridge.engine.result_cache import ResultCache, result_nbytes
 from sglang_hf_bridge.engine.scheduler import plan_chunks
@@ -27,7 +27,16 @@ from sglang_hf_bridge.engine.types import (
     QueryOnlySpec,
     SequenceResult,
 )
-from sglang_hf_bridge.engine.versions import EMBEDDINGS, HEAD, WeightVersions, apply_effect, base_layer_of, writes
+from sglang_hf_bridge.engine.versions import (
+    EMBEDDINGS,
+    HEAD,
+    AdapterWrite,
+    BaseWrite,
+    WeightVersions,
+    apply_effect,
+    base_layer_of,
+    writes,
+)
 from sglang_hf_bridge.lora import names as lora_names
 from sglang_hf_bridge.process import qualified_name, resolve_qualified_name
 from sglang_hf_bridge.sglang_models import weight_map as wm
@@ -99,82 +108,10 @@ def test_engine_to_checkpoint_names_fused_and_shared_targets():
     assert wm.ROBERTA.engine_to_checkpoint_names("layers.5.no_such.weight") == ()
 
 
-@pytest.mark.parametrize("suffix, rule", list(wm.SHARD_RULES))
-def test_shard_rule_for_every_suffix(suffix, rule):
-    name = suffix if suffix.startswith("lm_head") else (
-        f"embeddings.{suffix}" if suffix.startswith("word_") else f"layers.4.x.{suffix}")
-    assert wm.shard_rule(name) == rule
-
-
-@pytest.mark.parametrize("name", [
-    "layers.0.attn_norm.weight", "layers.0.self_attn.o_proj.bias", "layers.3.mlp.down_proj.bias",
-    "embeddings.position_embeddings.weight", "lm_head.dense.weight", "lm_head.layer_norm.bias",
-])
-def test_shard_rule_replicated_names(name):
-    assert wm.shard_rule(name) is None
-
-
-def test_lora_row_parallel_modules():
-    assert wm.LORA_ROW_PARALLEL == {"o_proj", "down_proj"}
-
-
 def test_to_hf_name():
     assert wm.ROBERTA.to_hf_name("embeddings.LayerNorm.weight") == "roberta.embeddings.LayerNorm.weight"
     assert wm.ROBERTA.to_hf_name("encoder.layer.1.output.dense.bias") == "roberta.encoder.layer.1.output.dense.bias"
     assert wm.ROBERTA.to_hf_name("lm_head.dense.weight") == "lm_head.dense.weight"
-
-
-def test_module_dims():
-    cfg = types.SimpleNamespace(hidden_size=8, intermediate_size=20)
-    assert wm.module_dims(cfg, "fc_in") == (8, 20)
-    assert wm.module_dims(cfg, "down_proj") == (20, 8)
-    for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        assert wm.module_dims(cfg, m) == (8, 8)
-
-
-# ============================================================================ tp_shards
-def test_merge_parameter_qkv_regroups_per_rank_thirds():
-    q, k, v = torch.arange(8.0).view(4, 2), torch.arange(8.0, 16).view(4, 2), torch.arange(16.0, 24).view(4, 2)
-    rank0 = torch.cat([q[:2], k[:2], v[:2]])
-    rank1 = torch.cat([q[2:], k[2:], v[2:]])
-    merged = tp_shards.merge_parameter("layers.0.self_attn.qkv_proj.weight", [rank0, rank1])
-    assert torch.equal(merged, torch.cat([q, k, v]))
-    shards = [torch.tensor([1., 2, 3]), torch.tensor([4., 5, 6])]
-    bias = tp_shards.merge_parameter("layers.0.self_attn.qkv_proj.bias", shards)
-    assert torch.equal(bias, torch.tensor([1., 4, 2, 5, 3, 6]))
-
-
-def test_merge_parameter_dim0_dim1_vocab_replicated():
-    a, b = torch.arange(6.0).view(2, 3), torch.arange(6.0, 12).view(2, 3)
-    assert torch.equal(tp_shards.merge_parameter("layers.1.mlp.fc_in.weight", [a, b]), torch.cat([a, b], 0))
-    assert torch.equal(tp_shards.merge_parameter("layers.1.mlp.down_proj.weight", [a, b]), torch.cat([a, b], 1))
-    assert torch.equal(tp_shards.merge_parameter("layers.1.self_attn.o_proj.weight", [a, b]), torch.cat([a, b], 1))
-    assert torch.equal(tp_shards.merge_parameter("embeddings.word_embeddings.weight", [a, b]), torch.cat([a, b], 0))
-    assert torch.equal(tp_shards.merge_parameter("lm_head.bias", [a[0], b[0]]), torch.tensor([0., 1, 2, 6, 7, 8]))
-    assert tp_shards.merge_parameter("layers.1.attn_norm.weight", [a, b]) is a
-    assert tp_shards.merge_parameter("layers.1.mlp.fc_in.weight", [b]) is b
-
-
-def test_merge_parameters_per_rank_dicts():
-    r0 = {"layers.0.mlp.fc_in.bias": torch.tensor([1.0]), "layers.0.ffn_norm.bias": torch.tensor([9.0])}
-    r1 = {"layers.0.mlp.fc_in.bias": torch.tensor([2.0]), "layers.0.ffn_norm.bias": torch.tensor([9.0])}
-    out = tp_shards.merge_parameters([r0, r1])
-    assert torch.equal(out["layers.0.mlp.fc_in.bias"], torch.tensor([1.0, 2.0]))
-    assert torch.equal(out["layers.0.ffn_norm.bias"], torch.tensor([9.0]))
-
-
-def test_merge_lora_row_parallel_splits_a_columns():
-    a0, a1 = torch.ones(2, 3), 2 * torch.ones(2, 3)
-    assert torch.equal(tp_shards.merge_lora("o_proj", "A", [a0, a1]), torch.cat([a0, a1], dim=1))
-    b0, b1 = torch.ones(4, 2), 2 * torch.ones(4, 2)
-    assert tp_shards.merge_lora("down_proj", "B", [b0, b1]) is b0
-
-
-def test_merge_lora_column_parallel_splits_b_rows():
-    a0, a1 = torch.ones(2, 3), 2 * torch.ones(2, 3)
-    assert tp_shards.merge_lora("fc_in", "A", [a0, a1]) is a0
-    b0, b1 = torch.ones(4, 2), 2 * torch.ones(4, 2)
-    assert torch.equal(tp_shards.merge_lora("q_proj", "B", [b0, b1]), torch.cat([b0, b1], dim=0))
 
 
 # ============================================================================ versions
@@ -238,7 +175,7 @@ def test_min_layer_of():
 def test_apply_effect_base_names_bump_their_layer_only():
     v = WeightVersions()
 
-    @writes(lambda names: ("base", names))
+    @writes(lambda names: BaseWrite(names))
     def op(engine, names):
         pass
 
@@ -252,7 +189,7 @@ def test_apply_effect_base_names_bump_their_layer_only():
 def test_apply_effect_adapter_and_nothing_and_undeclared():
     v = WeightVersions()
 
-    @writes(lambda lora_id: ("adapter", lora_id))
+    @writes(lambda lora_id: AdapterWrite(lora_id))
     def load(engine, lora_id):
         pass
 
@@ -269,6 +206,13 @@ def test_apply_effect_adapter_and_nothing_and_undeclared():
     assert v.clock == 1 and v.base_version() == 0 and v.adapter_version("b", 0) == (0, 0)
     apply_effect(v, undeclared, ())
     assert v.base_version(below=0) == 2 and v.adapter_version("b", 0) == (2, 0)
+
+    @writes(lambda: ("base", None))  # the old string form: refused, not read as "everything"
+    def stringly(engine):
+        pass
+
+    with pytest.raises(TypeError, match="BaseWrite or AdapterWrite"):
+        apply_effect(v, stringly, ())
 
 
 # ============================================================================ result_cache

@@ -14,8 +14,9 @@ engine only through this interface:
 
 from .config import EngineConfig, LoRAEngineConfig
 from .directions import NamedSlice, add_scaled_directions, fill_direction, zo_update
+from .gemm import PATHS as GEMM_PATHS
 from .runtime import EncoderRuntime
-from .types import EncoderCall, EncoderResult, EncoderSequence, QueryOnlySpec, SequenceResult
+from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, QueryOnlySpec, SequenceResult
 from .versions import base_layer_of, min_layer_of
 from .weights import (
     hf_parameter_slices,
@@ -29,8 +30,8 @@ from .weights import (
 )
 
 __all__ = [
-    "EngineConfig", "LoRAEngineConfig", "EncoderRuntime",
-    "EncoderCall", "EncoderResult", "EncoderSequence", "QueryOnlySpec", "SequenceResult",
+    "EngineConfig", "LoRAEngineConfig", "EncoderRuntime", "GEMM_PATHS",
+    "EncoderCall", "EncoderResult", "EncoderSequence", "Logits", "QueryOnlySpec", "SequenceResult",
     "NamedSlice", "add_scaled_directions", "fill_direction", "zo_update", "hf_parameter_slices",
     "base_layer_of", "min_layer_of",
     "rank_copy_adapter", "rank_perturb_adapter", "rank_perturb_weights", "rank_set_adapter_tensors",

@@ -15,27 +15,8 @@ import torch
 
 from .. import compat
 from ..errors import AdapterError, AdapterRankError
-from ..sglang_models.weight_map import (
-    LORA_FFN_PADDED,
-    LORA_ROW_PARALLEL,
-    module_dims,
-    pad_dim,
-    real_extent,
-    real_intermediate_size,
-)
-
-# engine module -> (pool buffer name, slice index within the stacked buffer)
-MODULE_SLICES = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "o_proj": ("o_proj", 0),
-    "fc_in": ("fc_in", 0),
-    "down_proj": ("down_proj", 0),
-}
-MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-                 "o_proj": "self_attn", "fc_in": "mlp", "down_proj": "mlp"}
-QKV = ("q_proj", "k_proj", "v_proj")
+from ..sglang_models.layout import lora_layout, module_dims
+from ..sglang_models.weight_map import FUSED_QKV_TARGETS, LORA_TARGETS
 
 AdapterKey = Tuple[int, str]  # (layer, engine module)
 AdapterWeights = Mapping[AdapterKey, Tuple[torch.Tensor, torch.Tensor]]  # (A [r, in], B [out, r])
@@ -50,10 +31,9 @@ class EngineAdapter:
     rank: int
     scaling: float
     keys: FrozenSet[AdapterKey]
-    # This rank's views of the real (unpadded) part of each A / B, and where each sits in the
-    # full matrix: ``(key, "A"|"B") -> (split dim or None if replicated, offset, full size)``.
+    # This rank's views of the real (unpadded) part of each A / B in its pool slot; where each
+    # sits in the full matrix is its layout's (``layout.lora_layout``).
     views: Dict[AdapterKey, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    placement: Dict[Tuple[AdapterKey, str], Tuple[Optional[int], int, int]] = field(default_factory=dict)
 
     @property
     def layers(self) -> FrozenSet[int]:
@@ -77,24 +57,22 @@ def with_full_qkv(config, weights: AdapterWeights, rank: int) -> Dict[AdapterKey
     """SGLang stacks q/k/v and assumes all three are present: a new dict with zero slices added
     where a layer targets some of q/k/v (the caller's dict is left alone)."""
     out = dict(weights)
-    for layer in {layer for layer, m in weights if m in QKV}:
-        for m in QKV:
+    for layer in {layer for layer, m in weights if m in FUSED_QKV_TARGETS}:
+        for m in FUSED_QKV_TARGETS:
             if (layer, m) not in out:
                 fan_in, fan_out = module_dims(config, m)
                 out[(layer, m)] = (torch.zeros(rank, fan_in), torch.zeros(fan_out, rank))
     return out
 
 
-def sglang_adapter_tensors(weights: AdapterWeights, padded_ffn: int) -> Dict[str, torch.Tensor]:
-    """The names SGLang's LoRA loader expects for our model's modules, FFN matrices zero-padded
-    to the intermediate size the engine was built with."""
+def sglang_adapter_tensors(weights: AdapterWeights, layouts) -> Dict[str, torch.Tensor]:
+    """The names SGLang's LoRA loader expects for our model's modules, each matrix padded as its
+    layout says SGLang's loader wants it (the CPU FFN)."""
     tensors = {}
     for (layer, module), (a, b) in weights.items():
-        prefix = f"base_model.model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
+        prefix = f"base_model.model.layers.{layer}.{LORA_TARGETS[module].parent}.{module}"
         for which, matrix in (("A", a), ("B", b)):
-            dim = LORA_FFN_PADDED.get((module, which))
-            if dim is not None:
-                matrix = pad_dim(matrix, dim, padded_ffn)
+            matrix = lora_layout(layouts, layer, module, which).padded_for_loading(matrix)
             tensors[f"{prefix}.lora_{which}.weight"] = matrix.detach().to(torch.float32).contiguous()
     return tensors
 
@@ -136,7 +114,7 @@ class AdapterPool:
         self._lora_refs[lora_id] = ref  # first: whatever happens next, discard() can undo it
         try:
             with compat.no_pinning():
-                tensors = sglang_adapter_tensors(full, config.intermediate_size)
+                tensors = sglang_adapter_tensors(full, self.engine.model.layouts)
                 result = self.engine.runner.load_lora_adapter_from_tensors(ref, tensors, config_dict)
             error = compat.lora_update_error(result)
             if error is not None:
@@ -151,40 +129,26 @@ class AdapterPool:
 
     def _make_resident(self, adapter: EngineAdapter) -> None:
         """Bring the adapter into the pool now (a one-token pass) and take views of its slot."""
-        from .types import EncoderCall, EncoderSequence
+        from .types import EncoderCall, EncoderSequence, Logits
 
         self.engine.forward(EncoderCall(
             sequences=[EncoderSequence(input_ids=[0], position_ids=[self.engine.model.config.pad_token_id + 1],
                                        lora_id=adapter.lora_id)],
-            logits="none",
+            logits=Logits.NONE,
         ))
         A_buffer, B_buffer = compat.lora_pool_buffers(self._manager)
         slot = self.slot_of(adapter.lora_id)
         r = adapter.rank
-        for key in adapter.keys:
-            buffer, index = MODULE_SLICES[key[1]]
-            a_buf, b_buf = A_buffer[buffer][key[0]], B_buffer[buffer][key[0]]
-            out = b_buf.shape[1] // (3 if buffer == "qkv_proj" else 1)
+        layouts, rank = self.engine.model.layouts, self.engine.rank
+        for layer, module in adapter.keys:
+            target = LORA_TARGETS[module]
+            a_buf, b_buf = A_buffer[target.base][layer], B_buffer[target.base][layer]
+            index = target.slice_index
+            out = b_buf.shape[1] // (len(FUSED_QKV_TARGETS) if target.part else 1)
             a = a_buf[slot, index * r : (index + 1) * r, :]
             b = b_buf[slot, index * out : (index + 1) * out, :r]
-            adapter.views[key] = self._place(adapter, key, a, b)
-
-    def _place(self, adapter: EngineAdapter, key: AdapterKey, a: torch.Tensor, b: torch.Tensor):
-        """Trim this rank's A/B to their real part and record where they sit in the full matrix:
-        row-parallel targets split A's columns, the others B's rows; the other one is replicated."""
-        rank, tp = self.engine.rank, self.engine.config.tp_size
-        split_dim, split = (1, "A") if key[1] in LORA_ROW_PARALLEL else (0, "B")
-        matrix = a if split == "A" else b
-        per_rank = matrix.shape[split_dim]
-        total = per_rank * tp
-        if (key[1], split) in LORA_FFN_PADDED:
-            total = real_intermediate_size(self.engine.model.config)
-        n = real_extent(per_rank, rank, total)
-        matrix = matrix.narrow(split_dim, 0, n)
-        other = "B" if split == "A" else "A"
-        adapter.placement[(key, split)] = (split_dim, rank * per_rank, total)
-        adapter.placement[(key, other)] = (None, 0, 0)
-        return (matrix, b) if split == "A" else (a, matrix)
+            adapter.views[(layer, module)] = (lora_layout(layouts, layer, module, "A").local(a, rank),
+                                              lora_layout(layouts, layer, module, "B").local(b, rank))
 
     def slot_of(self, lora_id: Optional[str]) -> Optional[int]:
         if lora_id is None:

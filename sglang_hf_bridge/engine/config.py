@@ -10,13 +10,12 @@ from typing import Any, Dict, Optional, Tuple
 
 from .. import compat
 from ..sglang_models.families import ENCODER_MLM_CLASS
+from ..sglang_models.weight_map import LORA_BASE_MODULES
 
 DEFAULT_MAX_NUM_TOKENS = 8192
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 
-# Engine names of the modules LoRA can target (SGLang normalises q/k/v into qkv_proj).
-LORA_ENGINE_MODULES = ("qkv_proj", "o_proj", "fc_in", "down_proj")
 # The shared secret of a tensor-parallel group (hex), for followers on other nodes.
 AUTHKEY_ENV = "SGLANG_HF_BRIDGE_TP_AUTHKEY"
 
@@ -36,7 +35,7 @@ class LoRAEngineConfig:
             # evicted, so adapter tensors handed out as views stay the engine's own memory.
             max_loras_per_batch=self.max_adapters + 1,
             max_loaded_loras=self.max_adapters + 1,
-            lora_target_modules=list(LORA_ENGINE_MODULES),
+            lora_target_modules=list(LORA_BASE_MODULES),  # SGLang wraps layers, q/k/v as qkv_proj
             lora_backend="torch_native" if device == "cpu" else "triton",
         )
 
@@ -77,6 +76,8 @@ class EngineConfig:
     # reads them back.
     encoder_attention: str = "sdpa"
     random_seed: int = 0
+    # The GEMM behind every linear (engine/gemm.py): "auto" until the runtime chooses, then the path.
+    gemm: str = "auto"
     # LoRA slots; None = no LoRA machinery (see LoRAEngineConfig).
     lora: Optional["LoRAEngineConfig"] = None
     # Tensor parallel: how long rank 0 waits for a worker -- its reply to a call, a collective once

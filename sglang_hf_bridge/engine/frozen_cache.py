@@ -22,7 +22,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Tuple
 import torch
 
 from .result_cache import CacheStats
-from .types import EncoderCall, FrozenPlan
+from .types import EncoderCall, FrozenPlan, Logits
 
 
 def sequence_identity(seq) -> Tuple:
@@ -106,7 +106,7 @@ class FrozenStateStore:
         if plan.compute:
             prefix = EncoderCall(
                 sequences=[replace(call.sequences[i], logit_positions=None) for i in plan.compute],
-                logits="none", return_last_hidden=True, stop_layer=plan.layer,
+                logits=Logits.NONE, return_last_hidden=True, stop_layer=plan.layer,
             )
             for i, r in zip(plan.compute, run(prefix).sequences):
                 qo = r.query_only_last_hidden

@@ -16,19 +16,19 @@ import torch
 from .. import compat
 from ..errors import EngineClosedError
 from ..process import deferred_interrupts, free_local_port, resolve_qualified_name
+from ..sglang_models.forward_context import (
+    PassInputs,
+    PassOutputs,
+    QueryOnlyLoRA,
+    QueryOnlyTokens,
+    forward_context,
+)
+from . import gemm
 from .adapters import AdapterPool
 from .config import EngineConfig, write_engine_config_dir
 from .frozen_cache import FrozenStateStore
 from .scheduler import plan_chunks
-from .types import (
-    EncoderCall,
-    EncoderResult,
-    EncoderSequence,
-    PassInputs,
-    QueryOnlyLoRA,
-    QueryOnlyTokens,
-    SequenceResult,
-)
+from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, SequenceResult
 
 WeightIterator = Iterable[Tuple[str, torch.Tensor]]
 
@@ -106,6 +106,10 @@ class RankEngine:
             compat.release_unread_kv_memory(mr)
         self.model_runner = mr
         self.model = mr.model
+        if cfg.gemm not in ("auto", "aten"):  # "aten" is SGLang's own F.linear: nothing to route
+            linear = gemm.linear_fn(cfg.gemm)
+            compat.route_linear_layers(mr.model, linear)
+            mr.model.use_linear(linear, gemm.linear_gelu_fn(cfg.gemm))
 
     def load_weights(self, weights: WeightIterator) -> None:
         """Load HF-named tensors; every engine parameter must be filled."""
@@ -159,74 +163,80 @@ class RankEngine:
         starts = [0]
         for n in lens[:-1]:
             starts.append(starts[-1] + n)
-        pass_inputs = PassInputs(
+        initial = qo_initial = None
+        if call.start_layer:
+            initial = torch.cat([s.initial_hidden for s in seqs]).to(device)
+            qo = [s.query_only_initial for s in seqs if s.query_only]
+            qo_initial = torch.cat(qo).to(device) if qo else None
+        inputs = PassInputs(
             position_ids=_flat([s.position_ids for s in seqs], device),
             token_type_ids=_flat([s.token_type_ids or [0] * n for s, n in zip(seqs, lens)], device),
             collect_hidden_states=call.output_hidden_states,
             query_only=_query_only_tokens(seqs, starts, device, self._query_only_lora),
             start_layer=call.start_layer,
             stop_layer=call.stop_layer,
+            initial_hidden=initial,
+            query_only_initial=qo_initial,
             attention_segments=lens if self.config.encoder_attention == "sdpa" else None,
         )
-        if call.start_layer:
-            pass_inputs.initial_hidden = torch.cat([s.initial_hidden for s in seqs]).to(device)
-            qo = [s.query_only_initial for s in seqs if s.query_only]
-            pass_inputs.query_only_initial = torch.cat(qo).to(device) if qo else None
         # A Ctrl-C is held back while SGLang builds and runs the batch (its batch preparation is
         # not exception-safe: KV slots allocated before an interrupt there would be lost).
         batch = ExtendBatch(mr, [s.input_ids for s in seqs], [s.lora_id for s in seqs])
-        with deferred_interrupts(), compat.no_pinning():
+        with deferred_interrupts(), compat.no_pinning(), forward_context(inputs):
             try:
-                self.model.pass_inputs = pass_inputs
-                out = mr.forward(batch.prepare())
+                out = compat.forward_outputs(mr.forward(batch.prepare()))
             finally:
-                self.model.pass_inputs = None
                 try:
                     batch.release()
                 except BaseException:
                     batch.release()  # interrupted while giving memory back: finish, then raise
                     raise
-        hidden = compat.forward_hidden_states(out)
-        return self._split_results(call, seqs, starts, lens, hidden, pass_inputs)
+        return self._split_results(call, seqs, starts, lens, out)
 
-    def _split_results(self, call, seqs, starts, lens, hidden, p: PassInputs) -> List[SequenceResult]:
+    def _head_rows(self, call: EncoderCall, seqs, starts, num_tokens: int, device) -> Optional[torch.Tensor]:
+        """Token rows of the chunk that go through the head (None: no head)."""
+        if call.logits is Logits.ALL:
+            return torch.arange(num_tokens, device=device)
+        if call.logits is Logits.SELECTED:
+            idx = [st + pos for s, st in zip(seqs, starts) for pos in (s.logit_positions or [])]
+            return torch.as_tensor(idx, dtype=torch.long, device=device)
+        if call.logits is Logits.NONE:
+            return None
+        raise TypeError(f"EncoderCall.logits is {call.logits!r}, not a Logits member")
+
+    def _split_results(self, call, seqs, starts, lens, out: PassOutputs) -> List[SequenceResult]:
+        hidden = out.hidden
         vocab_ids = None
         if call.vocab_ids is not None:
             vocab_ids = torch.as_tensor(call.vocab_ids, dtype=torch.long, device=hidden.device)
         # Gather every position that needs the LM head and run it once for the whole chunk.
-        if call.logits == "all":
-            head_rows = torch.arange(hidden.shape[0], device=hidden.device)
-        elif call.logits == "selected":
-            idx = [st + pos for s, st in zip(seqs, starts) for pos in (s.logit_positions or [])]
-            head_rows = torch.as_tensor(idx, dtype=torch.long, device=hidden.device)
-        else:
-            head_rows = None
+        head_rows = self._head_rows(call, seqs, starts, hidden.shape[0], hidden.device)
         logits = None
         if head_rows is not None and head_rows.numel() > 0:
             logits = self.model.compute_logits(hidden[head_rows], vocab_ids)
         qo_logits = None
-        if p.query_only_last is not None and call.logits != "none":
-            qo_logits = self.model.compute_logits(p.query_only_last, vocab_ids)
+        if out.query_only_last is not None and head_rows is not None:
+            qo_logits = self.model.compute_logits(out.query_only_last, vocab_ids)
 
         results, offset, qo_offset = [], 0, 0
         for s, st, n in zip(seqs, starts, lens):
             r = SequenceResult()
             if logits is not None:
-                k = n if call.logits == "all" else len(s.logit_positions or [])
+                k = n if call.logits is Logits.ALL else len(s.logit_positions or [])
                 r.logits = logits[offset : offset + k]
                 offset += k
             if call.output_hidden_states:
-                r.hidden_states = [h[st : st + n] for h in p.hidden_states]
+                r.hidden_states = [h[st : st + n] for h in out.hidden_states]
             if call.return_last_hidden:
                 r.last_hidden = hidden[st : st + n]
             nq = len(s.query_only or [])
             if nq:
                 if call.return_last_hidden:
-                    r.query_only_last_hidden = p.query_only_last[qo_offset : qo_offset + nq]
+                    r.query_only_last_hidden = out.query_only_last[qo_offset : qo_offset + nq]
                 if qo_logits is not None:
                     r.query_only_logits = qo_logits[qo_offset : qo_offset + nq]
                 if call.output_hidden_states:
-                    r.query_only_hidden_states = [h[qo_offset : qo_offset + nq] for h in p.query_only_hidden_states]
+                    r.query_only_hidden_states = [h[qo_offset : qo_offset + nq] for h in out.query_only_hidden_states]
                 qo_offset += nq
             results.append(r)
         return results
@@ -277,5 +287,5 @@ def warm_up_then_bound_collectives(engine: RankEngine) -> None:
     compiles SGLang's vocabulary-parallel helper, slowly and at a different pace on each rank;
     timings in docs/tensor-parallel.md), still under the start-up limit; then every collective is
     bounded by ``worker_timeout_s``."""
-    engine.forward(EncoderCall(sequences=[EncoderSequence(input_ids=[0, 0], position_ids=[0, 1])], logits="all"))
+    engine.forward(EncoderCall(sequences=[EncoderSequence(input_ids=[0, 0], position_ids=[0, 1])], logits=Logits.ALL))
     compat.bound_collective_timeouts(engine.config.worker_timeout_s)

@@ -10,7 +10,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .versions import writes
+from .versions import AdapterWrite, writes
 
 
 @writes(None)
@@ -19,17 +19,17 @@ def rank_forward(engine, call):
     return engine.forward(call)
 
 
-@writes(lambda name, weights, rank, scaling, lora_id: ("adapter", lora_id))
+@writes(lambda name, weights, rank, scaling, lora_id: AdapterWrite(lora_id))
 def rank_load_adapter(engine, name: str, weights, rank: int, scaling: float, lora_id: str) -> None:
     engine.adapters.load(name, weights, rank, scaling, lora_id)
 
 
-@writes(lambda lora_id: ("adapter", lora_id))
+@writes(lambda lora_id: AdapterWrite(lora_id))
 def rank_unload_adapter(engine, lora_id: str) -> None:
     engine.adapters.unload(lora_id)
 
 
-@writes(lambda lora_id: ("adapter", lora_id))
+@writes(lambda lora_id: AdapterWrite(lora_id))
 def rank_discard_adapter(engine, lora_id: str) -> None:
     """Rollback of a load that failed somewhere: unload it here if this rank holds it."""
     engine.adapters.discard(lora_id)

@@ -23,13 +23,13 @@ import torch
 
 from ..errors import AdapterError, EngineClosedError, WorkerError
 from ..process import deferred_interrupts, free_local_port
-from . import rank_ops
+from ..sglang_models.layout import lora_layout
+from . import gemm, rank_ops
 from .adapters import EngineAdapter
 from .batcher import CallBatcher
 from .caching import EngineCaches
 from .config import EngineConfig
 from .rank import RankEngine
-from .tp_shards import merge_lora, merge_parameters
 from .types import EncoderCall, EncoderResult
 from .versions import apply_effect
 from .workers import WorkerGroup
@@ -50,6 +50,7 @@ class EncoderRuntime:
         self.lock = threading.RLock()
         self.batcher = CallBatcher(self._forward_locked, max_rows=config.max_running_requests)
         self._closed = False
+        self.gemm_choice: Optional[gemm.GemmChoice] = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, weights: WeightIterator) -> "EncoderRuntime":
@@ -58,6 +59,10 @@ class EncoderRuntime:
         from .. import compat
 
         compat.check_parallel_runtime_available(self.config.device, self.config.tp_size)
+        # Every rank computes with the path rank 0 chose (workers get the config with it).
+        self.gemm_choice = gemm.choose(self.config.device, self.config.dtype,
+                                       gemm.encoder_linear_shapes(self.config.hf_config), self.config.gemm)
+        self.config.gemm = self.gemm_choice.path
         port = free_local_port()
         try:
             self.workers.launch(port)
@@ -176,12 +181,16 @@ class EncoderRuntime:
             logger.debug("rollback of adapter %s skipped: %s", lora_id, e)
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
-        """Every engine parameter at full (unsharded) size, gathered from all ranks."""
-        return merge_parameters(self.collective_rpc(rank_ops.rank_parameters))
+        """Every engine parameter whole: gathered from all ranks, SGLang's padding removed, fused
+        q/k/v stacked as [q; k; v] (each parameter's layout says how)."""
+        layouts = self.model.layouts
+        per_rank = self.collective_rpc(rank_ops.rank_parameters)
+        return {name: layouts[name].gather([r[name] for r in per_rank]) for name in per_rank[0]}
 
     def adapter_matrices(self, lora_id: str) -> Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]]:
         """Full copies of an adapter's ``(A, B)`` per ``(layer, module)``, gathered from all ranks."""
+        layouts = self.model.layouts
         per_rank = self.collective_rpc(rank_ops.rank_adapter_matrices, lora_id)
-        return {key: tuple(merge_lora(key[1], which, [r[key][i] for r in per_rank])  # type: ignore[misc]
-                           for i, which in enumerate("AB"))
-                for key in per_rank[0]}
+        return {(layer, module): tuple(lora_layout(layouts, layer, module, which).gather(  # type: ignore[misc]
+                    [r[(layer, module)][i] for r in per_rank]) for i, which in enumerate("AB"))
+                for layer, module in per_rank[0]}

@@ -129,7 +129,7 @@ def _run_call(engine, path: str, args: tuple, gather: bool) -> Any:
     if not path.startswith("sglang_hf_bridge."):
         raise ValueError(f"workers only run sglang_hf_bridge rank operations, not {path!r}")
     fn = resolve_qualified_name(path)
-    if not hasattr(fn, "weight_effect"):
+    if not getattr(fn, "declares_effect", False):
         raise ValueError(f"{path!r} is not a declared rank operation (see engine.versions.writes)")
     result = fn(engine, *args)
     return result if gather else None

@@ -6,53 +6,10 @@ Everything here is plain tensors and lists; nothing knows about transformers' ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Hashable, List, Optional
 
 import torch
-
-
-@dataclass
-class QueryOnlyTokens:
-    """Tokens that attend to a sequence but are not attended to (HF's padded positions).
-
-    ``key_index[j]`` lists, for query-only token j, flat indices of the real tokens it attends
-    to (padded with 0 where ``key_mask`` is False).
-    """
-
-    input_ids: torch.Tensor  # [P]
-    position_ids: torch.Tensor  # [P]
-    token_type_ids: torch.Tensor  # [P]
-    key_index: torch.Tensor  # [P, Lmax] long
-    key_mask: torch.Tensor  # [P, Lmax] bool
-    lora: Optional["QueryOnlyLoRA"] = None
-
-
-@dataclass
-class QueryOnlyLoRA:
-    """Adapter slots of query-only tokens: ``(pool slot, rank, scaling, token rows)`` groups."""
-
-    groups: List[tuple]
-
-
-@dataclass
-class PassInputs:
-    """Per-token side inputs of one ``ModelRunner.forward``, read by the SGLang-side model."""
-
-    position_ids: torch.Tensor
-    token_type_ids: torch.Tensor
-    collect_hidden_states: bool = False
-    query_only: Optional[QueryOnlyTokens] = None
-    # Run layers [start_layer, stop_layer) only; from start_layer > 0 the states entering it are given.
-    start_layer: int = 0
-    stop_layer: Optional[int] = None
-    initial_hidden: Optional[torch.Tensor] = None  # [num_tokens, H]
-    query_only_initial: Optional[torch.Tensor] = None  # [P, H]
-    # Token count of each sequence, in order: set when the model computes attention itself ("sdpa").
-    attention_segments: Optional[List[int]] = None
-    # outputs the model fills in
-    hidden_states: Optional[List[torch.Tensor]] = None
-    query_only_hidden_states: Optional[List[torch.Tensor]] = None
-    query_only_last: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -79,20 +36,30 @@ class QueryOnlySpec:
     token_type_id: int = 0
 
 
+class Logits(str, Enum):
+    """Where a call wants the head's logits."""
+
+    ALL = "all"  # every real token
+    SELECTED = "selected"  # each sequence's logit_positions
+    NONE = "none"  # nowhere: no head
+
+
 @dataclass
 class EncoderCall:
     """One engine call: sequences plus what to compute for them."""
 
     sequences: List[EncoderSequence]
-    # "all": logits for every real token; "selected": only at logit_positions; "none": no head.
-    logits: str = "selected"
+    logits: Logits = Logits.SELECTED
     vocab_ids: Optional[List[int]] = None
     output_hidden_states: bool = False
     return_last_hidden: bool = False
-    # Layer range (see PassInputs); last_hidden is then the state leaving layer stop_layer - 1.
+    # Layer range [start_layer, stop_layer); last_hidden is then the state leaving layer stop_layer - 1.
     start_layer: int = 0
     stop_layer: Optional[int] = None
     frozen: Optional["FrozenPlan"] = None
+
+    def __post_init__(self) -> None:
+        self.logits = Logits(self.logits)  # "all" / "selected" / "none" as plain strings too
 
     def output_signature(self) -> tuple:
         """What is asked of the rows -- everything but the sequences and the frozen plan: calls with

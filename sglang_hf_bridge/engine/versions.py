@@ -22,7 +22,8 @@ changes which adapter each row names, and the adapter id is part of every key.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 from ..sglang_models.families import HEAD_PREFIXES
 
@@ -93,31 +94,49 @@ class WeightVersions:
 
 
 # ---- what lockstep operations write ------------------------------------------------------------
-WriteEffect = Callable[..., Tuple[str, object]]
+@dataclass(frozen=True)
+class BaseWrite:
+    """An operation writes base weights: these HF names (None: every base component)."""
+
+    hf_names: Optional[Iterable[str]]
+
+
+@dataclass(frozen=True)
+class AdapterWrite:
+    """An operation writes one adapter's matrices."""
+
+    lora_id: str
+
+
+WriteEffect = Callable[..., Union[BaseWrite, AdapterWrite]]
 
 
 def writes(effect: Optional[WriteEffect]):
     """Declare a rank operation (``fn(engine, *args)``, run on every rank by ``collective_rpc``)
-    and what it writes: ``effect(*args)`` returns ``("base", hf_names)``, ``("adapter",
-    lora_id)`` or ``("nothing", None)``; ``None`` = writes nothing. Workers run only functions
-    declared this way."""
+    and what it writes: ``effect(*args)`` gives a :class:`BaseWrite` or an :class:`AdapterWrite`;
+    ``None`` = writes nothing. Workers run only functions declared this way."""
 
     def mark(fn):
-        fn.weight_effect = effect if effect is not None else (lambda *a: ("nothing", None))
+        fn.weight_effect = effect
+        fn.declares_effect = True
         return fn
 
     return mark
 
 
 def apply_effect(versions: WeightVersions, fn, args: tuple) -> None:
-    effect = getattr(fn, "weight_effect", None)
-    if effect is None:
+    """Move the versions by what ``fn`` declares (an undeclared ``fn``: everything changed)."""
+    if not getattr(fn, "declares_effect", False):
         versions.bump_everything()
         return
-    kind, what = effect(*args)
-    if kind == "base":
-        versions.bump_base({base_layer_of(n) for n in what} if what is not None else None)
-    elif kind == "adapter":
-        versions.bump_adapter(what)
-    elif kind != "nothing":
-        versions.bump_everything()
+    if fn.weight_effect is None:
+        return
+    effect = fn.weight_effect(*args)
+    if isinstance(effect, BaseWrite):
+        names = effect.hf_names
+        versions.bump_base({base_layer_of(n) for n in names} if names is not None else None)
+    elif isinstance(effect, AdapterWrite):
+        versions.bump_adapter(effect.lora_id)
+    else:
+        raise TypeError(f"{fn.__qualname__} declares a write effect of type {type(effect).__name__}; "
+                        "expected BaseWrite or AdapterWrite")

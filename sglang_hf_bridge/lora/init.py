@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedAdapterError
-from ..sglang_models.weight_map import module_dims
+from ..sglang_models.layout import module_dims
 from .config import AdapterSpec
 
 

@@ -25,10 +25,11 @@ from ..checkpoint import (
     read_mask_token_id,
     validate_masked_lm_config,
 )
-from ..engine import EncoderRuntime, EngineConfig, LoRAEngineConfig
+from ..engine import GEMM_PATHS, EncoderRuntime, EngineConfig, LoRAEngineConfig
 from ..errors import CheckpointError, EngineClosedError, InferenceOnlyError, UnsupportedLoadOptionError
 from ..hub import hub_options, resolve_model_directory
 from ..sglang_models.families import Family, family_for
+from ..sglang_models.layout import tp_size_problems
 from .adapters import SGLangAdapterMixin
 from .caching import EngineCacheMixin
 from .hf_surface import (
@@ -120,18 +121,9 @@ def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles) -> Encod
 
 
 def check_tensor_parallel_size(config, tp_size: int, device: str = "cpu") -> None:
-    """Refuse a ``tp_size`` the sharded layers cannot split, before any process starts. Heads are
-    never padded for us (that would change the attention); on CPU SGLang zero-pads the FFN to a
-    multiple of 32 * tp_size (see the weight map), on CUDA it does not."""
-    problems = []
-    if config.num_attention_heads % tp_size:
-        problems.append(f"num_attention_heads={config.num_attention_heads}")
-    if device != "cpu" and config.intermediate_size % tp_size:
-        problems.append(f"intermediate_size={config.intermediate_size}")
-    # SGLang pads the vocabulary to a multiple of 64 and gives each rank an equal slice.
-    padded_vocab = -(-config.vocab_size // 64) * 64
-    if padded_vocab % tp_size:
-        problems.append(f"padded vocabulary {padded_vocab}")
+    """Refuse a ``tp_size`` the sharded layers cannot split, before any process starts (the
+    padding rules are the layouts', ``sglang_models/layout.py``)."""
+    problems = tp_size_problems(config, tp_size, device)
     if problems:
         raise ValueError(f"tp_size={tp_size} does not divide {', '.join(problems)}")
 
@@ -191,6 +183,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         worker_timeout_s: float = 30.0,
         worker_start_timeout_s: float = 600.0,
         encoder_attention: Optional[str] = None,
+        gemm: Optional[str] = None,
         **kwargs: Any,
     ):
         """Load an HF masked-LM checkpoint -- a local directory or a Hub id, resolved as transformers
@@ -205,7 +198,10 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         ``"sdpa"`` (default on CPU) -- the model runs torch's SDPA on each sequence's own q/k/v;
         ``"backend"`` (default on CUDA and when ``attention_backend=`` is given) -- SGLang's
         attention backend, through the KV pool. Same answers (tested); ``"sdpa"`` skips the KV
-        round trip. The first call in a process imports SGLang (a few seconds).
+        round trip. ``gemm``: the matrix product behind every linear -- ``"auto"`` (default, or
+        ``SGLANG_HF_BRIDGE_GEMM``) measures torch's paths once per host and takes the fastest,
+        ``"aten"`` (``F.linear``) or ``"onednn"`` force one (``engine/gemm.py``). The first call in a
+        process imports SGLang (a few seconds).
 
         Other keywords, as transformers takes them (table: ``TRANSFORMERS_LOAD_KEYWORDS``):
         honoured -- ``torch_dtype`` (= ``dtype``), ``device_map`` naming one device, ``config=``
@@ -242,7 +238,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             files, plan, config, torch_device, torch_dtype, tp_size, max_num_tokens,
             LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
             sglang_options, worker_timeout_s=worker_timeout_s, encoder_attention=encoder_attention,
-            worker_start_timeout_s=worker_start_timeout_s,
+            worker_start_timeout_s=worker_start_timeout_s, gemm=gemm,
         )
         runtime = _start_runtime(engine_config, files)
         model = cls(config, runtime=runtime)
@@ -286,7 +282,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
                        dtype: torch.dtype, tp_size,
                        max_num_tokens, lora: Optional[LoRAEngineConfig], engine_options: dict,
                        worker_timeout_s: float = 30.0, encoder_attention: Optional[str] = None,
-                       worker_start_timeout_s: float = 600.0) -> EngineConfig:
+                       worker_start_timeout_s: float = 600.0, gemm: Optional[str] = None) -> EngineConfig:
         """Validate the engine-shaping arguments (before any process starts) into an EngineConfig."""
         for name, value in (("worker_timeout_s", worker_timeout_s), ("worker_start_timeout_s", worker_start_timeout_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -306,6 +302,8 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             encoder_attention = "backend" if engine_options.get("attention_backend") or device.type != "cpu" else "sdpa"
         if encoder_attention not in ("sdpa", "backend"):
             raise ValueError(f"encoder_attention must be 'sdpa' or 'backend', got {encoder_attention!r}")
+        if gemm is not None and gemm not in ("auto", *GEMM_PATHS):
+            raise ValueError(f"gemm must be 'auto', {', '.join(repr(p) for p in GEMM_PATHS)}, got {gemm!r}")
         max_sequence_length = cls.max_sequence_length(config)
         if max_num_tokens is not None and max_num_tokens < max_sequence_length:
             raise ValueError(f"max_num_tokens={max_num_tokens} is smaller than one full-length sequence "
@@ -331,6 +329,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             worker_timeout_s=float(worker_timeout_s),
             start_timeout_s=float(worker_start_timeout_s),
             encoder_attention=encoder_attention,
+            gemm=gemm or "auto",
         )
         if max_num_tokens is not None:
             engine_config.max_num_tokens = int(max_num_tokens)

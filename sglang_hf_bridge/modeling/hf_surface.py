@@ -233,10 +233,10 @@ class HFSurfaceMixin:
     def _engine_tensor(self, engine_name: str) -> torch.Tensor:
         """An engine weight cut to the real vocabulary: a view at tp_size 1 (in-place changes are
         live), a gathered copy under tensor parallelism (changes do not reach the engine)."""
-        vocab = self.config.vocab_size
         if self.runtime.config.tp_size == 1:
-            return self.runtime.model.get_parameter(engine_name).detach()[:vocab]
-        return self.runtime.full_parameters()[engine_name][:vocab]
+            model = self.runtime.model
+            return model.layouts[engine_name].local(model.get_parameter(engine_name).detach(), rank=0)
+        return self.runtime.full_parameters()[engine_name]
 
     def get_input_embeddings(self) -> nn.Embedding:
         """An ``nn.Embedding`` over the engine's word embeddings (``vocab_size`` rows): a view at
@@ -359,7 +359,7 @@ class HFSurfaceMixin:
         the decoder's bias (the one transformers' forward uses)."""
         from .saving import engine_state_dict
 
-        state = engine_state_dict(self.runtime.full_parameters(), self.config)
+        state = engine_state_dict(self.runtime.full_parameters(), self.runtime.model.layouts, self.config)
         # transformers' state dict also lists the tied copies it does not save
         names = weight_map_for(self.config)
         word_embeddings = f"{self.base_model_prefix}.embeddings.word_embeddings.weight"

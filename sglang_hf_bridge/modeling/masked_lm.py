@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import MaskedLMOutput
 
-from ..engine import EncoderCall
+from ..engine import EncoderCall, Logits
 from ..errors import InputValidationError
 from .base import SGLangPreTrainedModel
 from .inputs import scatter_rows, validate_and_prepare, validate_labels, validate_token_id, validate_vocab_ids
@@ -65,7 +65,7 @@ class SGLangMaskedLM(SGLangPreTrainedModel):
         if labels is not None:
             labels = validate_labels(labels, prepared.shape, V)
         self._assign_adapters(prepared, adapter_names)
-        call = EncoderCall(sequences=prepared.sequences, logits="all", output_hidden_states=output_hidden_states)
+        call = EncoderCall(sequences=prepared.sequences, logits=Logits.ALL, output_hidden_states=output_hidden_states)
         result = self.runtime.forward(call)
         rows = result.sequences
         logits = scatter_rows(prepared, [r.logits for r in rows], [r.query_only_logits for r in rows], V, self.dtype)
@@ -131,7 +131,7 @@ class SGLangMaskedLM(SGLangPreTrainedModel):
         for b, seq in enumerate(prepared.sequences):
             col_to_real = {int(c): i for i, c in enumerate(prepared.real_index[b])}
             seq.logit_positions = [col_to_real[pairs[i][1]] for i in row_major if pairs[i][0] == b]
-        call = EncoderCall(sequences=prepared.sequences, logits="selected", vocab_ids=vocab)
+        call = EncoderCall(sequences=prepared.sequences, logits=Logits.SELECTED, vocab_ids=vocab)
         result = self.runtime.forward(call)
         width = self.config.vocab_size if vocab is None else len(vocab)
         parts = [r.logits for r in result.sequences if r.logits is not None]

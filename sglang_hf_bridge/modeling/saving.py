@@ -11,31 +11,21 @@ from ..atomic_dir import ADAPTER_FILES, MODEL_FILES, replacing_directory
 from ..checkpoint import SUPPORTED_MODEL_TYPES, write_safetensors
 from ..lora.files import check_adapter_target, write_adapter_files
 from ..sglang_models.families import ties_word_embeddings
-from ..sglang_models.weight_map import QKV_SHARDS, ffn_padded_dim, shard_rule, weight_map_for
+from ..sglang_models.weight_map import weight_map_for
 
 
-def engine_state_dict(params: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
-    """HF-named tensors (the family's base prefix, q/k/v unfused, SGLang's padding of the
-    vocabulary and the FFN removed) copied from full engine weights."""
+def engine_state_dict(params: Dict[str, torch.Tensor], layouts, config) -> Dict[str, torch.Tensor]:
+    """HF-named tensors (the family's base prefix, q/k/v unfused) copied from whole engine weights
+    (:meth:`EncoderRuntime.full_parameters`: padding already removed)."""
     state: Dict[str, torch.Tensor] = {}
-    H = config.hidden_size
     names = weight_map_for(config)
     duplicates = names.saved_duplicates(ties_word_embeddings(config))
     for engine_name, param in params.items():
         tensor = param.detach().to("cpu")
-        if shard_rule(engine_name) == "vocab":
-            tensor = tensor[: config.vocab_size]
-        ffn_dim = ffn_padded_dim(engine_name)
-        if ffn_dim is not None:
-            tensor = tensor.narrow(ffn_dim, 0, config.intermediate_size)  # the HF config's (real) size
-        for ckpt_name, shard in names.engine_to_checkpoint_names(engine_name):
+        for ckpt_name, part in names.engine_to_checkpoint_names(engine_name):
             if ckpt_name in duplicates:
                 continue  # tied to another saved tensor; HF does not store it
-            value = tensor
-            if shard is not None:
-                offset = QKV_SHARDS.index(shard) * H
-                value = tensor[offset : offset + H]
-            state[names.to_hf_name(ckpt_name)] = value.clone()
+            state[names.to_hf_name(ckpt_name)] = layouts[engine_name].part_of(tensor, part).clone()
     return state
 
 
@@ -67,4 +57,4 @@ def write_engine_checkpoint(model, directory: str) -> None:
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.architectures = [SUPPORTED_MODEL_TYPES[config.model_type]]
     config.dtype = str(model.dtype).replace("torch.", "")
-    write_safetensors(engine_state_dict(params, config), directory, config)
+    write_safetensors(engine_state_dict(params, model.runtime.model.layouts, config), directory, config)

@@ -1,8 +1,9 @@
 """RoBERTa's masked-LM head on SGLang's vocabulary-parallel embedding.
 
 dense -> GELU -> LayerNorm -> decoder tied to the word embeddings + ``lm_head.bias``. Under tensor
-parallelism each rank holds a vocabulary shard; full logits are all-gathered, label-word logits
-(``vocab_ids``) are computed on the owning rank and summed across ranks.
+parallelism each rank holds a vocabulary shard; full logits are all-gathered and unpadded by the
+vocabulary's layout, label-word logits (``vocab_ids``) are computed on the owning rank and summed
+across ranks.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from sglang.srt.distributed.communication_op import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+from sglang.srt.distributed.parallel_state import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from torch import nn
 
-from .. import compat
 from .families import ties_word_embeddings
 
 
 class MaskedLMHead(nn.Module):
     def __init__(self, config, word_embeddings):
         super().__init__()
-        self.vocab_size = config.vocab_size
+        self.tp_rank = get_tensor_model_parallel_rank()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if ties_word_embeddings(config):
@@ -38,46 +41,39 @@ class MaskedLMHead(nn.Module):
         shard = word_embeddings.weight.shape[0]
         self.bias = nn.Parameter(torch.zeros(shard), requires_grad=False)
         self.bias.weight_loader = self._load_bias
+        self.vocab_layout = None  # the vocabulary's ParameterLayout, set by the model once built
+        self.linear = F.linear  # the engine's GEMM (engine/gemm.py), set by the model's use_linear
 
     @property
     def word_embeddings(self):
         return self._embedding[0]
 
+    def _rows(self) -> slice:
+        """This rank's rows of the (real) vocabulary."""
+        return self.vocab_layout.index(self.tp_rank, 1)[0]
+
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor):
-        start, end = compat.vocab_shard_range(self.word_embeddings)
         param.data.zero_()
-        param.data[: end - start].copy_(loaded[start:end])
+        self.vocab_layout.local(param.data, self.tp_rank).copy_(loaded[self._rows()])
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.layer_norm(F.gelu(self.dense(hidden)))
+        return self.layer_norm(F.gelu(self.linear(hidden, self.dense.weight, self.dense.bias)))
 
     def forward(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.transform(hidden)
         emb = self.word_embeddings
         tp = get_tensor_model_parallel_world_size()
         if vocab_ids is None:
-            logits = F.linear(h, emb.weight, self.bias)
+            logits = self.linear(h, emb.weight, self.bias)
             if tp > 1:
-                logits = tensor_model_parallel_all_gather(logits, dim=-1)
-                return _unpad_gathered(logits, emb, self.vocab_size)
-            return logits[:, : self.vocab_size]
+                shards = tensor_model_parallel_all_gather(logits, dim=-1).chunk(tp, dim=-1)
+                return self.vocab_layout.gather(shards, dim=-1)
+            return self.vocab_layout.local(logits, rank=0, dim=-1)
         if tp == 1:
             return F.linear(h, emb.weight[vocab_ids], self.bias[vocab_ids])
-        start, end = compat.vocab_shard_range(emb)
+        start, end = self._rows().start, self._rows().stop
         local = (vocab_ids >= start) & (vocab_ids < end)
         idx = torch.where(local, vocab_ids - start, torch.zeros_like(vocab_ids))
         part = F.linear(h, emb.weight[idx], self.bias[idx]) * local.to(h.dtype)
         return tensor_model_parallel_all_reduce(part)
 
-
-def _unpad_gathered(logits: torch.Tensor, emb, vocab_size: int) -> torch.Tensor:
-    """All-gathered shards are ``[shard0 | shard1 | ...]`` each padded: keep the real rows."""
-    tp = get_tensor_model_parallel_world_size()
-    pieces = []
-    per_rank = compat.vocab_rows_per_rank(emb)
-    for r in range(tp):
-        lo = r * per_rank
-        start = min(r * per_rank, vocab_size)
-        n = max(0, min(vocab_size - start, per_rank))
-        pieces.append(logits[:, lo : lo + n])
-    return torch.cat(pieces, dim=-1)

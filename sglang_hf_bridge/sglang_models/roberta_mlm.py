@@ -8,10 +8,9 @@ builds the same post-LayerNorm encoder from SGLang's parallel layers with LoRA-t
 checkpoint names onto them through the explicit table in :mod:`.weight_map` (which also says how
 each parameter is split over tensor-parallel ranks).
 
-Per-call inputs the engine cannot express through ``ForwardBatch`` (HF position ids, token type
-ids, "query-only" tokens standing for padded positions, hidden-state collection) arrive as an
-:class:`~sglang_hf_bridge.engine.types.PassInputs` placed on ``model.pass_inputs`` by the runtime
-right before ``ModelRunner.forward``.
+Per-pass inputs the engine cannot express through ``ForwardBatch`` (HF position ids, token type
+ids, "query-only" tokens standing for padded positions, hidden-state collection) are read from the
+pass's scope (:mod:`.forward_context`); ``forward`` returns a :class:`~.forward_context.PassOutputs`.
 """
 
 from __future__ import annotations
@@ -21,7 +20,10 @@ from typing import Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
-from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+from sglang.srt.distributed.parallel_state import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -31,8 +33,10 @@ from torch import nn
 
 from .. import compat
 from .families import ties_word_embeddings
+from .forward_context import PassOutputs, QueryOnlyState, current_pass
+from .layout import EngineLayouts, build_layouts
 from .lm_head import MaskedLMHead
-from .weight_map import canonical_name, ffn_padded_dim, pad_dim, weight_map_for
+from .weight_map import LORA_TARGETS, canonical_name, weight_map_for
 
 
 class RobertaEmbeddings(nn.Module):
@@ -84,7 +88,7 @@ class RobertaSelfAttention(nn.Module):
             prefix=f"{prefix}.o_proj",
         )
 
-    def forward(self, x, forward_batch: ForwardBatch, query_only=None, segments=None):
+    def forward(self, x, forward_batch: ForwardBatch, query_only: Optional[QueryOnlyState] = None, segments=None):
         qkv, _ = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.q_size, self.q_size], dim=-1)
         if segments is None:
@@ -110,18 +114,18 @@ class RobertaSelfAttention(nn.Module):
             outs.append(o.transpose(0, 1).reshape(-1, self.q_size))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _query_only_attention(self, query_only, k, v):
+    def _query_only_attention(self, query_only: QueryOnlyState, k, v):
         """Attention of padded positions: they query the real tokens of their row, nobody
-        queries them (HF masks them as keys only). Uses base weights (no LoRA)."""
-        states, key_index, key_mask, lora = query_only
-        qkv = _query_only_linear(self.qkv_proj, states, lora, n_slices=3)
+        queries them (HF masks them as keys only)."""
+        key_index, key_mask = query_only.key_index, query_only.key_mask
+        qkv = _query_only_linear(self.qkv_proj, query_only.states, query_only.lora, n_slices=3)
         q = qkv[:, : self.q_size].view(-1, self.num_heads, 1, self.head_dim)
         keys = k[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
         values = v[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
         mask = key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
         out = out.reshape(-1, self.q_size)
-        return _query_only_linear(self.o_proj, out, lora)
+        return _query_only_linear(self.o_proj, out, query_only.lora)
 
 
 def _query_only_linear(layer, x, lora, n_slices: int = 1):
@@ -157,9 +161,13 @@ class RobertaMLP(nn.Module):
         )
         if config.hidden_act not in ("gelu", "gelu_python"):
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only 'gelu')")
+        self.linear_gelu = None  # the up-projection with GELU fused (engine/gemm.py), when the path has one
 
     def forward(self, x, query_only_lora=None, query_only: bool = False):
         if not query_only:
+            if self.linear_gelu is not None and not compat.lora_layer_active(self.fc_in):
+                up = compat.lora_base_layer(self.fc_in)  # column-parallel: this rank's rows, no collective
+                return self.down_proj(self.linear_gelu(x, up.weight, up.bias))[0]
             return self.down_proj(F.gelu(self.fc_in(x)[0]))[0]
         h = F.gelu(_query_only_linear(self.fc_in, x, query_only_lora))
         return _query_only_linear(self.down_proj, h, query_only_lora)
@@ -173,21 +181,21 @@ class RobertaLayer(nn.Module):
         self.mlp = RobertaMLP(config, prefix=f"{prefix}.mlp")
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x, forward_batch, query_only=None, segments=None):
+    def forward(self, x, forward_batch, query_only: Optional[QueryOnlyState] = None, segments=None):
         attn, qo_attn = self.self_attn(x, forward_batch, query_only, segments)
         x = self.attn_norm(attn + x)
         x = self.ffn_norm(self.mlp(x) + x)
         if query_only is None:
             return x, None
-        states, key_index, key_mask, lora = query_only
-        s = self.attn_norm(qo_attn + states)
-        s = self.ffn_norm(self.mlp(s, lora, query_only=True) + s)
-        return x, (s, key_index, key_mask, lora)
+        s = self.attn_norm(qo_attn + query_only.states)
+        s = self.ffn_norm(self.mlp(s, query_only.lora, query_only=True) + s)
+        return x, query_only.moved_to(s)
 
 
 class SGLangBridgeRobertaForMaskedLM(nn.Module):
-    """Encoder + masked-LM head. ``forward`` returns final hidden states ``[num_tokens, H]``;
-    the runtime applies :meth:`compute_logits` only where logits are wanted."""
+    """Encoder + masked-LM head. ``forward`` returns the pass's hidden states
+    (:class:`~.forward_context.PassOutputs`); the engine applies :meth:`compute_logits` only where
+    logits are wanted."""
 
     def __init__(self, *, config, quant_config=None, prefix: str = ""):
         super().__init__()
@@ -201,7 +209,8 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
             [RobertaLayer(config, i, prefix=f"layers.{i}") for i in range(config.num_hidden_layers)]
         )
         self.lm_head = MaskedLMHead(config, self.embeddings.word_embeddings)
-        self.pass_inputs = None  # set by the runtime for each ModelRunner.forward
+        self.layouts = self._build_layouts()
+        self.lm_head.vocab_layout = self.layouts["lm_head.bias"]
 
     @torch.no_grad()
     def forward(
@@ -212,56 +221,71 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         input_embeds: Optional[torch.Tensor] = None,
         get_embedding: bool = True,
         **_,
-    ) -> torch.Tensor:
-        p = self.pass_inputs
-        if p is None:
-            raise RuntimeError("SGLangBridgeRobertaForMaskedLM needs pass_inputs from the runtime")
+    ) -> PassOutputs:
+        p = current_pass()
         # Layers [start, stop): from start > 0 the states entering it come from the frozen-layer cache.
         start, stop = p.start_layer, p.stop_layer if p.stop_layer is not None else len(self.layers)
         x = self.embeddings(input_ids, p.position_ids, p.token_type_ids) if start == 0 else p.initial_hidden
         qo = None
         if p.query_only is not None:
             q = p.query_only
-            if start == 0:
-                states = self.embeddings(q.input_ids, q.position_ids, q.token_type_ids)
-            else:
-                states = p.query_only_initial
-            qo = (states, q.key_index, q.key_mask, q.lora)
-        p.hidden_states = [x] if p.collect_hidden_states else None
-        p.query_only_hidden_states = [qo[0]] if (qo is not None and p.collect_hidden_states) else None
+            states = self.embeddings(q.input_ids, q.position_ids, q.token_type_ids) if start == 0 \
+                else p.query_only_initial
+            qo = QueryOnlyState(states, q.key_index, q.key_mask, q.lora)
+        collect = p.collect_hidden_states
+        out = PassOutputs(hidden=x, hidden_states=[x] if collect else None,
+                          query_only_hidden_states=[qo.states] if (qo is not None and collect) else None)
         for layer in self.layers[start:stop]:
             x, qo = layer(x, forward_batch, qo, p.attention_segments)
-            if p.collect_hidden_states:
-                p.hidden_states.append(x)
+            if collect:
+                out.hidden_states.append(x)
                 if qo is not None:
-                    p.query_only_hidden_states.append(qo[0])
-        p.query_only_last = qo[0] if qo is not None else None
-        return x
+                    out.query_only_hidden_states.append(qo.states)
+        out.hidden = x
+        out.query_only_last = qo.states if qo is not None else None
+        return out
+
+    def use_linear(self, linear, linear_gelu=None) -> None:
+        """Compute the bridge's own linears (the head) with ``linear``, and the FFN's up-projection
+        with ``linear_gelu`` (GELU fused) where given (SGLang's layers are routed by
+        compat.route_linear_layers)."""
+        self.lm_head.linear = linear
+        for layer in self.layers:
+            layer.mlp.linear_gelu = linear_gelu
 
     def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None):
         return self.lm_head(hidden, vocab_ids)
 
+    def _build_layouts(self) -> EngineLayouts:
+        """Every parameter's layout, from this rank's shapes, checked against SGLang's own
+        vocabulary ranges (read through compat)."""
+        vocab = {"embeddings.word_embeddings.weight": self.embeddings.word_embeddings}
+        if hasattr(self.lm_head, "decoder"):
+            vocab["lm_head.decoder.weight"] = self.lm_head.decoder
+        return build_layouts(
+            self.config, get_tensor_model_parallel_world_size(),
+            {n: tuple(p.shape) for n, p in self.named_parameters()},
+            device=self.embeddings.word_embeddings.weight.device.type,
+            vocab_ranges={n: compat.vocab_shard_range(e) for n, e in vocab.items()},
+            rank=get_tensor_model_parallel_rank())
+
     # --- LoRA support hooks (SGLang's LoRA manager calls these) ------------------------------
     def get_hidden_dim(self, module_name: str, layer_idx: int):
-        h, i = self.config.hidden_size, self.config.intermediate_size
-        dims = {
-            "qkv_proj": (h, 3 * h),
-            "o_proj": (h, h),
-            "fc_in": (h, i),
-            "down_proj": (i, h),
-        }
-        if module_name not in dims:
+        """(in, out) of the whole (padded, fused) layer ``module_name`` of ``layer_idx``."""
+        target = next((t for t in LORA_TARGETS.values() if t.base == module_name), None)
+        if target is None:
             raise NotImplementedError(f"LoRA on {module_name} is not supported")
-        return dims[module_name]
+        name = target.engine_weight(layer_idx)
+        out_features, in_features = self.layouts[name].engine_full_shape(self.get_parameter(name).shape)
+        return in_features, out_features
 
     # --- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
-        """Load checkpoint tensors through the family's weight map (:mod:`.weight_map`),
-        zero-padding the FFN to the size SGLang built it with. Returns loaded engine names."""
+        """Load checkpoint tensors through the family's weight map (:mod:`.weight_map`), each
+        padded as its layout says SGLang's loader wants it. Returns loaded engine names."""
         params = dict(self.named_parameters())
         names = weight_map_for(self.config)
         skip = set(names.skipped_when_loading(ties_word_embeddings(self.config)))
-        padded_ffn = self.config.intermediate_size
         loaded = set()
         for name, tensor in weights:
             if canonical_name(name) in skip:
@@ -272,9 +296,7 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
             engine_name, shard = mapped
             if engine_name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} maps to unknown engine parameter {engine_name!r}")
-            ffn_dim = ffn_padded_dim(engine_name)
-            if ffn_dim is not None:
-                tensor = pad_dim(tensor, ffn_dim, padded_ffn)
+            tensor = self.layouts[engine_name].padded_for_loading(tensor)
             param = params[engine_name]
             loader = getattr(param, "weight_loader", default_weight_loader)
             if shard is None:

@@ -10,7 +10,6 @@ Engine parameters are those of :mod:`sglang_hf_bridge.sglang_models.roberta_mlm`
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -156,82 +155,65 @@ class WeightMap:
         return cached
 
 
-# How SGLang splits each engine parameter over TP ranks (by name suffix; anything else is
-# replicated): "dim0" = output rows (column-parallel linear), "dim1" = input columns
-# (row-parallel linear), "qkv" = [q_r; k_r; v_r] per rank, "vocab" = rows of the padded
-# vocabulary (VocabParallelEmbedding).
-SHARD_RULES = (
-    ("qkv_proj.weight", "qkv"),
-    ("qkv_proj.bias", "qkv"),
-    ("o_proj.weight", "dim1"),
-    ("fc_in.weight", "dim0"),
-    ("fc_in.bias", "dim0"),
-    ("down_proj.weight", "dim1"),
-    ("word_embeddings.weight", "vocab"),
-    ("lm_head.bias", "vocab"),
-    ("lm_head.decoder.weight", "vocab"),
-)
-QKV_SHARDS = ("q", "k", "v")
+# How SGLang splits each engine parameter over TP ranks, by name suffix (anything else is
+# replicated): dim 0 = output rows (column-parallel linear, vocab-parallel embedding), dim 1 =
+# input columns (row-parallel linear). ``parts``: fused parts stacked on each rank ([q_r; k_r; v_r]).
+# ``sized_by``: the real extent is the config's vocabulary / FFN size; SGLang pads the rest
+# (:mod:`.layout` holds the padding rules and turns this table into one layout per parameter).
+@dataclass(frozen=True)
+class Split:
+    dim: int
+    parts: Tuple[str, ...] = ()
+    sized_by: Optional[str] = None  # "vocab" | "intermediate"
 
-# Engine modules LoRA can target, and the HF module (under ``encoder.layer.N.``) each stands for.
-LORA_MODULES = {
-    "q_proj": "attention.self.query",
-    "k_proj": "attention.self.key",
-    "v_proj": "attention.self.value",
-    "o_proj": "attention.output.dense",
-    "fc_in": "intermediate.dense",
-    "down_proj": "output.dense",
+
+QKV_SHARDS = ("q", "k", "v")
+SPLITS = {
+    "qkv_proj.weight": Split(0, QKV_SHARDS),
+    "qkv_proj.bias": Split(0, QKV_SHARDS),
+    "o_proj.weight": Split(1),
+    "fc_in.weight": Split(0, sized_by="intermediate"),
+    "fc_in.bias": Split(0, sized_by="intermediate"),
+    "down_proj.weight": Split(1, sized_by="intermediate"),
+    "word_embeddings.weight": Split(0, sized_by="vocab"),
+    "lm_head.bias": Split(0, sized_by="vocab"),
+    "lm_head.decoder.weight": Split(0, sized_by="vocab"),
 }
 
 
-def module_dims(config, module: str) -> Tuple[int, int]:
-    """(in, out) features of a LoRA-targetable module, at the checkpoint's (unpadded) sizes."""
-    h, i = config.hidden_size, real_intermediate_size(config)
-    return {"fc_in": (h, i), "down_proj": (i, h)}.get(module, (h, h))
+@dataclass(frozen=True)
+class LoraTarget:
+    """An engine module LoRA can adapt: the HF module it stands for (under ``encoder.layer.N.``),
+    the engine layer whose weight it adapts (``parent.base``; SGLang's LoRA buffer is named after
+    ``base``) and, in the fused projection, which part."""
+
+    module: str
+    hf_module: str
+    parent: str
+    base: str
+    part: Optional[str] = None
+
+    def engine_weight(self, layer: int) -> str:
+        return f"layers.{layer}.{self.parent}.{self.base}.weight"
+
+    @property
+    def slice_index(self) -> int:
+        """Where this target sits in SGLang's stacked buffer of ``base``."""
+        return QKV_SHARDS.index(self.part) if self.part else 0
 
 
-# --- dimensions SGLang pads ----------------------------------------------------------------------
-# On CPU SGLang 0.5.23 rounds ``intermediate_size`` up to a multiple of 32 * tp_size in the config
-# the engine model is built from (``adjust_config_with_unaligned_cpu_tp``) and keeps the real one
-# as ``original_intermediate_size``. The FFN is zero-padded to it (rows of the up projection and
-# its bias, columns of the down projection), which leaves every result exact: GELU(0) = 0 and the
-# padded columns are zero. Everything that reads or writes engine weights sees the real size.
-FFN_PADDED_DIM = {"fc_in.weight": 0, "fc_in.bias": 0, "down_proj.weight": 1}
-# LoRA matrices of FFN targets likewise: B of the up projection (rows), A of the down projection.
-LORA_FFN_PADDED = {("fc_in", "B"): 0, ("down_proj", "A"): 1}
-
-
-def real_intermediate_size(config) -> int:
-    return int(getattr(config, "original_intermediate_size", None) or config.intermediate_size)
-
-
-def ffn_padded_dim(engine_name: str) -> Optional[int]:
-    """The dimension of ``engine_name`` that holds the (padded) intermediate size, if any."""
-    for suffix, dim in FFN_PADDED_DIM.items():
-        if engine_name.endswith(suffix):
-            return dim
-    return None
-
-
-def pad_dim(tensor, dim: int, size: int):
-    """``tensor`` zero-padded along ``dim`` to ``size`` (itself when already that size)."""
-    import torch
-
-    missing = size - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
-
-
-def real_extent(per_rank: int, rank: int, real_total: int) -> int:
-    """How many of a rank's ``per_rank`` padded entries (rank-th block) are real."""
-    return max(0, min(per_rank, real_total - rank * per_rank))
-
-
-# LoRA targets whose base layer is row-parallel: their A is split by columns, B replicated.
-LORA_ROW_PARALLEL = frozenset(m for m in LORA_MODULES if dict(SHARD_RULES).get(f"{m}.weight") == "dim1")
+LORA_TARGETS = {t.module: t for t in (
+    LoraTarget("q_proj", "attention.self.query", "self_attn", "qkv_proj", "q"),
+    LoraTarget("k_proj", "attention.self.key", "self_attn", "qkv_proj", "k"),
+    LoraTarget("v_proj", "attention.self.value", "self_attn", "qkv_proj", "v"),
+    LoraTarget("o_proj", "attention.output.dense", "self_attn", "o_proj"),
+    LoraTarget("fc_in", "intermediate.dense", "mlp", "fc_in"),
+    LoraTarget("down_proj", "output.dense", "mlp", "down_proj"),
+)}
+# Engine module -> the HF module it stands for; the engine layers SGLang's LoRA manager wraps.
+LORA_MODULES = {m: t.hf_module for m, t in LORA_TARGETS.items()}
+LORA_BASE_MODULES = tuple(dict.fromkeys(t.base for t in LORA_TARGETS.values()))
+FUSED_QKV_TARGETS = tuple(m for m, t in LORA_TARGETS.items() if t.part)
 
 
 ROBERTA = WeightMap(
@@ -267,12 +249,3 @@ def weight_map_for(config) -> WeightMap:
     from .families import family_for
 
     return family_for(config).weight_map
-
-
-@functools.lru_cache(maxsize=None)
-def shard_rule(engine_name: str) -> Optional[str]:
-    """How ``engine_name`` is split over TP ranks (see :data:`SHARD_RULES`); None = replicated."""
-    for suffix, rule in SHARD_RULES:
-        if engine_name.endswith(suffix):
-            return rule
-    return None

@@ -55,11 +55,27 @@ def negative_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return -(logits.argmax(-1)[keep] == labels[keep]).to(torch.float64)
 
 
-OBJECTIVES: Dict[str, Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
-    "cross_entropy": None,  # the model's own loss (its ``loss`` output)
+class ModelLoss:
+    """The objective that is the model's own ``loss`` output (cross-entropy for its labels)."""
+
+    def __repr__(self) -> str:
+        return "cross_entropy"
+
+
+MODEL_LOSS = ModelLoss()
+ObjectiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OBJECTIVES: Dict[str, Union[ModelLoss, ObjectiveFn]] = {
+    "cross_entropy": MODEL_LOSS,
     "negative_accuracy": negative_accuracy,
 }
-Objective = Union[None, str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+Objective = Union[None, str, ObjectiveFn]
+
+
+def resolve_objective(objective: Objective) -> Union[ModelLoss, ObjectiveFn]:
+    """``zo_objective`` as what to compute: None is the model's loss, a name is looked up."""
+    if objective is None:
+        return MODEL_LOSS
+    return OBJECTIVES[objective] if isinstance(objective, str) else objective
 
 
 def _objective_name(objective: Objective) -> str:
@@ -77,7 +93,7 @@ def objective_sum(objective: Objective, logits: torch.Tensor, labels: torch.Tens
     """``(sum, count)`` of a callable objective's values on one batch: one value per example (or
     item) is summed; a single value is taken as the mean over the batch's labelled items. Sums and
     counts, not means, so that shards of different sizes add up to the global mean."""
-    fn = OBJECTIVES[objective] if isinstance(objective, str) else objective
+    fn = resolve_objective(objective)
     values = torch.as_tensor(fn(logits, labels))
     if values.dim() == 0:
         count = _items(labels, logits.shape[0])
@@ -273,8 +289,8 @@ class MeZOTrainer(Trainer):
         with torch.no_grad():
             out = model(**inputs)
         labels = inputs.get("labels")
-        objective = self.args.zo_objective
-        if objective is None or objective == "cross_entropy":
+        objective = resolve_objective(self.args.zo_objective)
+        if objective is MODEL_LOSS:
             loss = out["loss"] if isinstance(out, dict) else out.loss
             count = _items(labels, inputs["input_ids"].shape[0])
             if loss.dtype in (torch.float16, torch.bfloat16) and labels is not None:  # see float32_cross_entropy
@@ -294,8 +310,8 @@ class MeZOTrainer(Trainer):
         both = torch.cat([ids, ids]), (torch.cat([mask, mask]) if mask is not None else None)
         with torch.no_grad():
             logits = self.model.label_logits(*both, adapter_names=[PLUS] * B + [MINUS] * B)
-        objective = self.args.zo_objective
-        if objective is None or objective == "cross_entropy":
+        objective = resolve_objective(self.args.zo_objective)
+        if objective is MODEL_LOSS:
             count = _items(labels, B)
             return (float(float32_cross_entropy(logits[:B], labels)) * count,
                     float(float32_cross_entropy(logits[B:], labels)) * count, count)
