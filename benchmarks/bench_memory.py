@@ -1,10 +1,25 @@
-"""Resident memory of one model in its own process: transformers against the engine with each
-attention path, after loading and at the peak of a batch-of-32 ``compute_mlm_logits``-equivalent call.
+"""Resident memory of one model in its own process: transformers against the engine, after
+importing the model's library, after loading, after a batch-of-32 ``compute_mlm_logits``-equivalent
+call, and at the peaks. Where each MiB goes, and what cannot be given back: docs/memory.md.
 
 roberta-base shape (random weights), float32, SST-2 prompts, the engine with its default token
-budget (8,192) and LoRA machinery on. Each case runs in a fresh interpreter so one case's
-allocations do not count for another; RSS is read from the process (``psutil``), the peak is
-``ru_maxrss`` (includes the import of SGLang and the model load).
+budget (8,192). Each case runs in a fresh interpreter so one case's allocations do not count for
+another. Columns (MiB):
+
+* ``rss_after_import_mib`` -- after importing the model's library (transformers' RobertaForMaskedLM;
+  the bridge and the SGLang modules the engine uses), before any model; torch, transformers and the
+  tokenizer are already loaded in every case.
+* ``rss_after_load_mib`` / ``anon_after_load_mib`` / ``file_after_load_mib`` -- ``psutil`` RSS after
+  ``from_pretrained``, and its anonymous vs file-backed parts (``/proc/self/smaps_rollup``).
+  transformers maps the safetensors file and its parameters ARE the map: pages become resident only
+  when the first call reads them, so its after-load number holds no weights; compare after the call.
+* ``rss_after_call_mib`` / ``anon_after_call_mib`` / ``file_after_call_mib`` -- the same after the call.
+* ``call_peak_mib`` -- the process's peak RSS during the call alone (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` just before it): the call's scratch on top of the loaded model.
+* ``peak_rss_mib`` -- the whole process's peak (import, load and call): ``ru_maxrss`` read before
+  the reset (which resets it too), or the call's peak if higher.
+* ``rss_after_trim_mib`` -- after the call and glibc's ``malloc_trim(0)``: what the allocator held
+  without using it.
 
     python benchmarks/bench_memory.py
 """
@@ -20,38 +35,76 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, report  # noqa: E402
 
+# name -> (case, from_pretrained keywords of the engine)
 CASES = {
-    "transformers sdpa (LM head at the mask)": "hf",
-    'engine, encoder_attention="sdpa" (CPU default)': "sdpa",
-    'engine, encoder_attention="backend" (SGLang attention backend)': "backend",
+    "transformers sdpa (LM head at the mask)": ("hf", {}),
+    'engine, encoder_attention="sdpa" (CPU default)': ("engine", {"encoder_attention": "sdpa"}),
+    'engine, "sdpa", enable_lora=False': ("engine", {"encoder_attention": "sdpa", "enable_lora": False}),
+    'engine, encoder_attention="backend" (SGLang attention backend)': ("engine", {"encoder_attention": "backend"}),
 }
 
 CHILD = r"""
-import json, resource, sys, torch, psutil
+import ctypes, json, re, resource, sys, torch, psutil
 sys.path.insert(0, {bench!r})
 from _common import TOKENIZER_DIR, prompts, roberta_base_checkpoint
 from transformers import AutoTokenizer
-case = {case!r}
+case, options = {case!r}, {options!r}
 ckpt = roberta_base_checkpoint()
 tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 batch = tok(prompts(32), return_tensors="pt", padding=True)
 rss = lambda: psutil.Process().memory_info().rss / 2**20
+out = {{}}
+
+def parts(when):
+    rollup = {{}}
+    for line in open("/proc/self/smaps_rollup"):
+        p = line.split()
+        if len(p) >= 3 and p[0].endswith(":") and p[2] == "kB":
+            rollup[p[0][:-1]] = int(p[1]) / 1024
+    out["anon_after_" + when + "_mib"] = rollup["Anonymous"]
+    out["file_after_" + when + "_mib"] = rollup["Rss"] - rollup["Anonymous"]
+
+def reset_peak():
+    # Resetting VmHWM resets the kernel's hiwater that ru_maxrss reads too: keep the peak so far.
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+def peak_since_reset():
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
 if case == "hf":
     from transformers import RobertaForMaskedLM
+    out["rss_after_import_mib"] = rss()
     model = RobertaForMaskedLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
-    loaded = rss()
+    out["rss_after_load_mib"] = rss()
+    parts("load")
+    reset_peak()
     with torch.inference_mode():
         hidden = model.roberta(**batch)[0]
         model.lm_head(hidden[batch["input_ids"] == tok.mask_token_id])
 else:
-    from sglang_hf_bridge import SGLangRobertaForMaskedLM
-    model = SGLangRobertaForMaskedLM.from_pretrained(ckpt, encoder_attention=case)
-    loaded = rss()
+    from sglang_hf_bridge import SGLangRobertaForMaskedLM, log_control
+    log_control.import_sglang_quietly()  # what from_pretrained imports first, counted apart
+    out["rss_after_import_mib"] = rss()
+    model = SGLangRobertaForMaskedLM.from_pretrained(ckpt, **options)
+    out["rss_after_load_mib"] = rss()
+    parts("load")
+    reset_peak()
     model.compute_mlm_logits(**batch)
-after = rss()
-print(json.dumps({{"rss_after_load_mib": loaded, "rss_after_call_mib": after,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+out["call_peak_mib"] = peak_since_reset()
+out["rss_after_call_mib"] = rss()
+parts("call")
+out["peak_rss_mib"] = max(out["peak_rss_mib"], out["call_peak_mib"],
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+out["rss_after_trim_mib"] = rss()
+print(json.dumps(out))
 """
+
+COLUMNS = ["model", "rss_after_import_mib", "rss_after_load_mib", "anon_after_load_mib", "file_after_load_mib",
+           "rss_after_call_mib", "anon_after_call_mib", "file_after_call_mib", "call_peak_mib", "peak_rss_mib",
+           "rss_after_trim_mib", "load_vs_transformers", "call_vs_transformers", "peak_vs_transformers"]
 
 
 def main() -> None:
@@ -60,19 +113,20 @@ def main() -> None:
     args = ap.parse_args()
     bench_dir = str(Path(__file__).resolve().parent)
     rows = []
-    for name, case in CASES.items():
-        code = CHILD.format(bench=bench_dir, case=case)
+    for name, (case, options) in CASES.items():
+        code = CHILD.format(bench=bench_dir, case=case, options=options)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=str(REPO))
         if r.returncode != 0:
             raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
         row = {"model": name, **json.loads(r.stdout.strip().splitlines()[-1])}
         print(f"{name}: {row}", flush=True)
         rows.append(row)
-    base = rows[0]["rss_after_call_mib"]
+    base = rows[0]
     for row in rows:
-        row["vs_transformers"] = row["rss_after_call_mib"] / base
-    report("bench_memory: resident MiB, roberta-base shape, float32, batch of 32 prompts", rows,
-           ["model", "rss_after_load_mib", "rss_after_call_mib", "peak_rss_mib", "vs_transformers"], args.out)
+        row["load_vs_transformers"] = row["rss_after_load_mib"] / base["rss_after_load_mib"]
+        row["call_vs_transformers"] = row["rss_after_call_mib"] / base["rss_after_call_mib"]
+        row["peak_vs_transformers"] = row["peak_rss_mib"] / base["peak_rss_mib"]
+    report("bench_memory: resident MiB, roberta-base shape, float32, batch of 32 prompts", rows, COLUMNS, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,14 @@ from ..sglang_models.weight_map import LORA_BASE_MODULES
 
 DEFAULT_MAX_NUM_TOKENS = 8192
 DEFAULT_MAX_RUNNING_REQUESTS = 256
+# The KV pool's dtype when nothing reads it (encoder_attention="sdpa" on CPU). SGLang 0.5.23 fills
+# every slot with zeros at start-up (torch.zeros: resident memory) before the engine can hand the
+# buffers back (compat.release_unread_kv_memory): at the model's float32 that transient is 576 MiB
+# for roberta-base at 8,192 tokens -- more than the weights -- and was the whole-process peak. The
+# sdpa path never writes or reads the pool (attention runs on each pass's own q/k/v), so its dtype
+# cannot change an answer; one byte per element makes the transient 4x smaller (docs/memory.md).
+# Slots, and with them the token budget and the pools' accounting, are unchanged.
+UNREAD_KV_CACHE_DTYPE = "fp8_e5m2"
 
 
 # The shared secret of a tensor-parallel group (hex), for followers on other nodes.
@@ -127,6 +135,8 @@ class EngineConfig:
             kwargs.update(self.lora.server_args_kwargs(self.device))
         if self.device == "cpu":
             kwargs.update(compat.cpu_server_args())
+            if self.encoder_attention == "sdpa":  # (CUDA: its fp8 KV rules are untested here)
+                kwargs["kv_cache_dtype"] = UNREAD_KV_CACHE_DTYPE
         kwargs.update(self.engine_options)
         return kwargs
 

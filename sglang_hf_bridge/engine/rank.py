@@ -213,7 +213,8 @@ class RankEngine:
         head_rows = self._head_rows(call, seqs, starts, hidden.shape[0], hidden.device)
         logits = None
         if head_rows is not None and head_rows.numel() > 0:
-            logits = self.model.compute_logits(hidden[head_rows], vocab_ids)
+            rows = hidden if call.logits is Logits.ALL else hidden[head_rows]  # ALL: no gather copy
+            logits = self.model.compute_logits(rows, vocab_ids)
         qo_logits = None
         if out.query_only_last is not None and head_rows is not None:
             qo_logits = self.model.compute_logits(out.query_only_last, vocab_ids)
