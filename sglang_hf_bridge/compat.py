@@ -636,6 +636,8 @@ def route_linear_layers(model, linear) -> int:
     from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
     class RoutedLinearMethod(UnquantizedLinearMethod):
+        routed_by_bridge = True
+
         def apply(self, layer, x, bias=None):
             return linear(x, layer.weight, bias)
 
@@ -644,7 +646,7 @@ def route_linear_layers(model, linear) -> int:
         if not isinstance(module, LinearBase):
             continue
         method = _require(module, "quant_method", f"{name}'s linear method")
-        if type(method) is not UnquantizedLinearMethod and type(method).__name__ != "RoutedLinearMethod":
+        if type(method) is not UnquantizedLinearMethod and not getattr(method, "routed_by_bridge", False):
             raise SGLangLayoutError(f"SGLang internals changed: {name} computes through {type(method).__name__}, "
                                     "not the unquantized linear method this bridge routes")
         module.quant_method = RoutedLinearMethod()

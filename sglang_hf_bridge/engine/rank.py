@@ -193,13 +193,13 @@ class RankEngine:
                     raise
         return self._split_results(call, seqs, starts, lens, out)
 
-    def _head_rows(self, call: EncoderCall, seqs, starts, num_tokens: int, device) -> Optional[torch.Tensor]:
-        """Token rows of the chunk that go through the head (None: no head)."""
+    def _head_input(self, call: EncoderCall, seqs, starts, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """The hidden states of the chunk's rows that go through the head (None: no head)."""
         if call.logits is Logits.ALL:
-            return torch.arange(num_tokens, device=device)
+            return hidden
         if call.logits is Logits.SELECTED:
             idx = [st + pos for s, st in zip(seqs, starts) for pos in (s.logit_positions or [])]
-            return torch.as_tensor(idx, dtype=torch.long, device=device)
+            return hidden[torch.as_tensor(idx, dtype=torch.long, device=hidden.device)]
         if call.logits is Logits.NONE:
             return None
         raise TypeError(f"EncoderCall.logits is {call.logits!r}, not a Logits member")
@@ -210,13 +210,12 @@ class RankEngine:
         if call.vocab_ids is not None:
             vocab_ids = torch.as_tensor(call.vocab_ids, dtype=torch.long, device=hidden.device)
         # Gather every position that needs the LM head and run it once for the whole chunk.
-        head_rows = self._head_rows(call, seqs, starts, hidden.shape[0], hidden.device)
+        head_input = self._head_input(call, seqs, starts, hidden)
         logits = None
-        if head_rows is not None and head_rows.numel() > 0:
-            rows = hidden if call.logits is Logits.ALL else hidden[head_rows]  # ALL: no gather copy
-            logits = self.model.compute_logits(rows, vocab_ids)
+        if head_input is not None and head_input.shape[0] > 0:
+            logits = self.model.compute_logits(head_input, vocab_ids)
         qo_logits = None
-        if out.query_only_last is not None and head_rows is not None:
+        if out.query_only_last is not None and head_input is not None:
             qo_logits = self.model.compute_logits(out.query_only_last, vocab_ids)
 
         results, offset, qo_offset = [], 0, 0

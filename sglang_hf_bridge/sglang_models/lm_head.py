@@ -71,7 +71,8 @@ class MaskedLMHead(nn.Module):
             return self.vocab_layout.local(logits, rank=0, dim=-1)
         if tp == 1:
             return F.linear(h, emb.weight[vocab_ids], self.bias[vocab_ids])
-        start, end = self._rows().start, self._rows().stop
+        rows = self._rows()
+        start, end = rows.start, rows.stop
         local = (vocab_ids >= start) & (vocab_ids < end)
         idx = torch.where(local, vocab_ids - start, torch.zeros_like(vocab_ids))
         part = F.linear(h, emb.weight[idx], self.bias[idx]) * local.to(h.dtype)

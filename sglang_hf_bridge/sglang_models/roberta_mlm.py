@@ -162,11 +162,12 @@ class RobertaMLP(nn.Module):
         if config.hidden_act not in ("gelu", "gelu_python"):
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only 'gelu')")
         self.linear_gelu = None  # the up-projection with GELU fused (engine/gemm.py), when the path has one
+        self.up_base = None  # the plain layer under SGLang's LoRA wrapper of fc_in (set with linear_gelu)
 
     def forward(self, x, query_only_lora=None, query_only: bool = False):
         if not query_only:
             if self.linear_gelu is not None and not compat.lora_layer_active(self.fc_in):
-                up = compat.lora_base_layer(self.fc_in)  # column-parallel: this rank's rows, no collective
+                up = self.up_base  # column-parallel: this rank's rows, no collective
                 return self.down_proj(self.linear_gelu(x, up.weight, up.bias))[0]
             return self.down_proj(F.gelu(self.fc_in(x)[0]))[0]
         h = F.gelu(_query_only_linear(self.fc_in, x, query_only_lora))
@@ -252,6 +253,7 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         self.lm_head.linear = linear
         for layer in self.layers:
             layer.mlp.linear_gelu = linear_gelu
+            layer.mlp.up_base = compat.lora_base_layer(layer.mlp.fc_in)
 
     def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None):
         return self.lm_head(hidden, vocab_ids)
