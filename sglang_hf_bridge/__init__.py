@@ -1,4 +1,4 @@
-"""sglang_hf_bridge: transformers' RobertaForMaskedLM interface, executed by SGLang.
+"""sglang_hf_bridge: transformers' encoder classes (masked LM, classification, QA, embeddings), executed by SGLang.
 
 Importing the package is cheap: SGLang and PEFT are imported when the first model is loaded.
 The model classes (and transformers) are imported on first attribute access.
@@ -19,6 +19,26 @@ _LAZY = {
     "SGLangCamembertForMaskedLM": ".modeling.roberta",
     "SGLangBertForMaskedLM": ".modeling.bert",
     "SGLangAutoModelForMaskedLM": ".modeling.auto",
+    "SGLangRobertaForSequenceClassification": ".modeling.roberta",
+    "SGLangRobertaForTokenClassification": ".modeling.roberta",
+    "SGLangRobertaForQuestionAnswering": ".modeling.roberta",
+    "SGLangRobertaModel": ".modeling.roberta",
+    "SGLangXLMRobertaForSequenceClassification": ".modeling.roberta",
+    "SGLangXLMRobertaForTokenClassification": ".modeling.roberta",
+    "SGLangXLMRobertaForQuestionAnswering": ".modeling.roberta",
+    "SGLangXLMRobertaModel": ".modeling.roberta",
+    "SGLangCamembertForSequenceClassification": ".modeling.roberta",
+    "SGLangCamembertForTokenClassification": ".modeling.roberta",
+    "SGLangCamembertForQuestionAnswering": ".modeling.roberta",
+    "SGLangCamembertModel": ".modeling.roberta",
+    "SGLangBertForSequenceClassification": ".modeling.bert",
+    "SGLangBertForTokenClassification": ".modeling.bert",
+    "SGLangBertForQuestionAnswering": ".modeling.bert",
+    "SGLangBertModel": ".modeling.bert",
+    "SGLangAutoModelForSequenceClassification": ".modeling.auto",
+    "SGLangAutoModelForTokenClassification": ".modeling.auto",
+    "SGLangAutoModelForQuestionAnswering": ".modeling.auto",
+    "SGLangAutoModel": ".modeling.auto",
 }
 
 __all__ = [*_LAZY, *_errors.__all__]

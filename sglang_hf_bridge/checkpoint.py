@@ -191,6 +191,16 @@ def iter_checkpoint_tensors(files: CheckpointFiles, progress: bool = False,
                     yield name, tensor
 
 
+def iter_engine_tensors(files: CheckpointFiles, skip: Iterable[str] = (), extra_files: Iterable[str] = (),
+                        progress: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """What a rank loads: the checkpoint's tensors (less ``skip``), then those of ``extra_files``
+    (safetensors the library wrote: a newly initialised task head)."""
+    yield from iter_checkpoint_tensors(files, progress=progress, skip=skip)
+    extra = list(extra_files)
+    if extra:
+        yield from iter_checkpoint_tensors(CheckpointFiles(os.path.dirname(extra[0]), extra, "safetensors"))
+
+
 @contextlib.contextmanager
 def _open_safetensors(path: str):
     """``safe_open`` whose failures (empty, truncated, corrupt header) name the file."""
@@ -333,6 +343,15 @@ def load_bin(path: str) -> Dict[str, torch.Tensor]:
 
 def checkpoint_tensor_names(files: CheckpointFiles) -> List[str]:
     return list(checkpoint_tensor_shapes(files))
+
+
+def write_tensors_file(tensors: Dict[str, torch.Tensor], directory: str) -> str:
+    """``tensors`` as ``directory/new_tensors.safetensors`` (contiguous CPU copies); its path."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(directory, "new_tensors.safetensors")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
+    return path
 
 
 def write_safetensors(state: Dict[str, torch.Tensor], directory: str, config) -> None:

@@ -17,7 +17,7 @@ from .directions import NamedSlice, add_scaled_directions, fill_direction, zo_up
 from .gemm import PATHS as GEMM_PATHS
 from .runtime import EncoderRuntime
 from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, QueryOnlySpec, SequenceResult
-from .versions import base_layer_of, min_layer_of
+from .versions import HEAD, base_layer_of, min_layer_of
 from .weights import (
     hf_parameter_slices,
     rank_copy_adapter,
@@ -33,7 +33,7 @@ __all__ = [
     "EngineConfig", "LoRAEngineConfig", "EncoderRuntime", "GEMM_PATHS",
     "EncoderCall", "EncoderResult", "EncoderSequence", "Logits", "QueryOnlySpec", "SequenceResult",
     "NamedSlice", "add_scaled_directions", "fill_direction", "zo_update", "hf_parameter_slices",
-    "base_layer_of", "min_layer_of",
+    "HEAD", "base_layer_of", "min_layer_of",
     "rank_copy_adapter", "rank_perturb_adapter", "rank_perturb_weights", "rank_set_adapter_tensors",
     "rank_set_hf_tensors", "rank_update_adapter", "rank_update_weights",
 ]

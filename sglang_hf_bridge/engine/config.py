@@ -63,6 +63,9 @@ class EngineConfig:
     weight_files: Tuple[str, ...] = ()
     weight_format: str = "safetensors"
     skip_tensors: Tuple[str, ...] = ()
+    # Safetensors files every rank reads after the checkpoint: a new task head the face initialised
+    # (transformers' initialisation, before the engine starts; see modeling/load_plan.py).
+    extra_weight_files: Tuple[str, ...] = ()
     # The model's config as SGLang must read it (model_type set, architectures = the engine class):
     # each rank writes it to a private directory for SGLang, so old configs and owners' class names
     # in the checkpoint's own config.json never reach SGLang.

@@ -78,7 +78,7 @@ def _serve(config: EngineConfig, rank: int, dist_port: int, conn, rendezvous) ->
     config = dataclasses.replace(config, node_rank=rank // config.ranks_per_node)
     try:
         from sglang_hf_bridge import compat, log_control
-        from sglang_hf_bridge.checkpoint import CheckpointFiles, iter_checkpoint_tensors, locate_checkpoint
+        from sglang_hf_bridge.checkpoint import CheckpointFiles, iter_engine_tensors, locate_checkpoint
 
         compat.configure_sglang_environment()
         if config.device == "cpu":
@@ -87,7 +87,7 @@ def _serve(config: EngineConfig, rank: int, dist_port: int, conn, rendezvous) ->
         # The files rank 0 resolved (the same Hub snapshot); a config without them reads model_path.
         checkpoint = (CheckpointFiles(config.model_path, list(config.weight_files), config.weight_format)
                       if config.weight_files else locate_checkpoint(config.model_path))
-        missing = [f for f in checkpoint.weight_files if not os.path.isfile(f)]
+        missing = [f for f in (*checkpoint.weight_files, *config.extra_weight_files) if not os.path.isfile(f)]
         if missing:  # fail before the ranks meet, not at the first read after the rendezvous
             raise FileNotFoundError(f"rank {rank} cannot see the checkpoint files rank 0 resolved: {missing[:3]}")
         with log_control.quiet_sglang():
@@ -95,7 +95,7 @@ def _serve(config: EngineConfig, rank: int, dist_port: int, conn, rendezvous) ->
 
             send_message(conn, ("prepared", None))
             engine: Optional[RankEngine] = RankEngine(config, rank=rank, dist_port=dist_port)
-            engine.start(iter_checkpoint_tensors(checkpoint, skip=config.skip_tensors))
+            engine.start(iter_engine_tensors(checkpoint, config.skip_tensors, config.extra_weight_files))
             warm_up_then_bound_collectives(engine)
         send_message(conn, ("ready", None))
     except BaseException:  # noqa: BLE001 - report to rank 0, then exit

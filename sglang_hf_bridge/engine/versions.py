@@ -25,12 +25,13 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
-from ..sglang_models.families import HEAD_PREFIXES
+from ..sglang_models.weight_map import TOP_LEVEL_PREFIXES
 
 EMBEDDINGS = -1
 HEAD = 1 << 20  # sorts after every encoder layer
 
 _LAYER = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\.")
+_POOLER = re.compile(r"(?:^|\.)pooler\.")
 
 
 def base_layer_of(hf_name: str) -> int:
@@ -38,7 +39,7 @@ def base_layer_of(hf_name: str) -> int:
     m = _LAYER.search(hf_name)
     if m:
         return int(m.group(1))
-    if hf_name.startswith(HEAD_PREFIXES):  # every family's masked-LM head
+    if hf_name.startswith(TOP_LEVEL_PREFIXES) or _POOLER.search(hf_name):  # every head of every family
         return HEAD
     return EMBEDDINGS  # embeddings (the tied decoder is the word-embedding matrix)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
+import tempfile
 import weakref
 from typing import Any, Optional, Tuple, Union
 
@@ -19,16 +21,18 @@ from transformers import PreTrainedModel
 from .. import log_control
 from ..checkpoint import (
     CheckpointFiles,
-    iter_checkpoint_tensors,
+    iter_engine_tensors,
     locate_checkpoint,
     read_config,
     read_mask_token_id,
     validate_masked_lm_config,
+    write_tensors_file,
 )
 from ..engine import GEMM_PATHS, EncoderRuntime, EngineConfig, LoRAEngineConfig
 from ..errors import CheckpointError, EngineClosedError, InferenceOnlyError, UnsupportedLoadOptionError
 from ..hub import hub_options, resolve_model_directory
 from ..sglang_models.families import Family, family_for
+from ..sglang_models.heads import HEAD_CONFIG_KEY, MASKED_LM, Head
 from ..sglang_models.layout import tp_size_problems
 from .adapters import SGLangAdapterMixin
 from .caching import EngineCacheMixin
@@ -42,6 +46,7 @@ from .hf_surface import (
     transformers_options,
 )
 from .load_plan import LoadPlan, plan_checkpoint_load
+from .saving import save_adapter_and_base, save_engine_checkpoint
 
 _LIVE_MODELS: "weakref.WeakSet[SGLangPreTrainedModel]" = weakref.WeakSet()
 
@@ -106,17 +111,28 @@ def _default_mask_token_id(config, directory: Optional[str]) -> Tuple[Optional[i
     return None, "neither config.mask_token_id nor the checkpoint's tokenizer files declare one"
 
 
-def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles) -> EncoderRuntime:
-    """Start the engine (importing SGLang on first use) and load the checkpoint into it."""
+def _start_runtime(engine_config: EngineConfig, files: CheckpointFiles,
+                   new_tensors: Optional[dict] = None) -> EncoderRuntime:
+    """Start the engine (importing SGLang on first use) and load the checkpoint into it, then the
+    ``new_tensors`` (a newly initialised task head), which every rank reads from a private file
+    removed once the engine runs."""
     log_control.import_sglang_quietly()
-    with log_control.quiet_sglang():
-        runtime = EncoderRuntime(engine_config)
-        try:
-            runtime.start(iter_checkpoint_tensors(files, progress=log_control.progress_enabled(),
-                                                  skip=engine_config.skip_tensors))
-        except BaseException:
-            runtime.close()
-            raise
+    scratch = tempfile.mkdtemp(prefix="sglang-hf-bridge-new-head-") if new_tensors else None
+    try:
+        if scratch is not None:
+            engine_config.extra_weight_files = (write_tensors_file(new_tensors, scratch),)
+        with log_control.quiet_sglang():
+            runtime = EncoderRuntime(engine_config)
+            try:
+                runtime.start(iter_engine_tensors(files, engine_config.skip_tensors, engine_config.extra_weight_files,
+                                                  progress=log_control.progress_enabled()))
+            except BaseException:
+                runtime.close()
+                raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+            engine_config.extra_weight_files = ()
     return runtime
 
 
@@ -135,6 +151,9 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
     # model types, names, position ids, tying, the SGLang-side class -- comes from there. A config
     # without model_type is read as ``config_class``'s.
     family: Optional[Family] = None
+    # The head on the encoder (sglang_models/heads.py): what the engine builds on top, which rows
+    # it reads, and whether a checkpoint without it gets a new one.
+    head_spec: Head = MASKED_LM
     # transformers' class whose names and shapes a checkpoint must match (the loading oracle).
     hf_model_class: str = ""
     # Derived from ``family`` for each subclass (read by transformers and by the face's methods).
@@ -155,6 +174,11 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             cls.model_types = family.model_types
             cls.sglang_architecture = family.sglang_architecture
             cls.sglang_model_class = family.sglang_model_class
+        # transformers' class of this family and head (the loading oracle, ``architectures`` on save).
+        model_type = getattr(cls.__dict__.get("config_class"), "model_type", None) or \
+            getattr(getattr(cls, "config_class", None), "model_type", None)
+        if cls.family is not None and "hf_model_class" not in cls.__dict__ and model_type in cls.family.hf_classes:
+            cls.hf_model_class = cls.family.hf_classes[model_type].replace("ForMaskedLM", cls.head_spec.hf_suffix)
 
     def __init__(self, config, runtime: Optional[EncoderRuntime] = None):
         super().__init__(config)
@@ -228,7 +252,8 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         files = locate_checkpoint(directory, use_safetensors=options.get("use_safetensors"))
         config = effective_config(cls._read_config(files), options.get("config"), kwargs)
         cls._check_family(config, files.directory)
-        plan = plan_checkpoint_load(cls.hf_model_class, files, config, source=os.fspath(pretrained_model_name_or_path))
+        plan = plan_checkpoint_load(cls.hf_model_class, files, config, source=os.fspath(pretrained_model_name_or_path),
+                                    head=cls.head_spec)
         sglang_options = engine_options(kwargs)
         torch_dtype, torch_device = _resolve_dtype(dtype, config), _resolve_device(device)
         if torch_device.type == "cuda" and (torch_device.index or 0) != 0:
@@ -240,7 +265,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             sglang_options, worker_timeout_s=worker_timeout_s, encoder_attention=encoder_attention,
             worker_start_timeout_s=worker_start_timeout_s, gemm=gemm,
         )
-        runtime = _start_runtime(engine_config, files)
+        runtime = _start_runtime(engine_config, files, plan.new_tensors)
         model = cls(config, runtime=runtime)
         model._engine_device = torch_device
         model._engine_dtype = torch_dtype
@@ -314,7 +339,7 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
             weight_format=files.format,
             skip_tensors=tuple(sorted(plan.skip)),
             hf_config={**json.loads(config.to_json_string(use_diff=False)),
-                       "architectures": [cls.sglang_architecture]},
+                       "architectures": [cls.sglang_architecture], HEAD_CONFIG_KEY: cls.head_spec.name},
             architecture=cls.sglang_architecture,
             model_class=cls.sglang_model_class,
             device=device.type,
@@ -346,6 +371,32 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
     @mask_token_id.setter
     def mask_token_id(self, value: int) -> None:
         self._mask_token = (value, "model.mask_token_id")
+
+    # ------------------------------------------------------------------ adapters per row, saving
+    def _assign_adapters(self, prepared, adapter_names) -> None:
+        for seq, lora_id in zip(prepared.sequences, self._row_lora_ids(len(prepared.sequences), adapter_names)):
+            seq.lora_id = lora_id
+
+    def save_pretrained(self, save_directory, adapter_name: Optional[str] = None,
+                        save_base_model: Optional[bool] = None, **kwargs) -> None:
+        """Without adapters: an HF checkpoint (safetensors) transformers' own class of this
+        family and head loads. With adapters (as transformers does with PEFT adapters loaded): the adapter
+        ``adapter_name`` (default: the active one) in PEFT format; ``save_base_model=True``
+        also writes the base checkpoint.
+
+        Atomic (``sglang_hf_bridge.atomic_dir``): whatever happens to this process (Ctrl-C,
+        kill -9, power loss), ``save_directory`` holds the old save or the new one, whole. Other
+        files in it (tokenizer, ``trainer_state.json``, ``checkpoint-*/``) are kept; the previous
+        save's weight files and config are replaced."""
+        loaded = list(self._adapter_state())
+        if loaded and adapter_name is None and self._bridge_active is None:
+            adapter_name = loaded[0]
+        if loaded and save_base_model:
+            save_adapter_and_base(self, save_directory, adapter_name)  # one atomic swap for both
+        elif loaded:
+            self.save_adapter(save_directory, adapter_name)
+        else:
+            save_engine_checkpoint(self, save_directory)
 
     # ------------------------------------------------------------------ lifecycle
     @property

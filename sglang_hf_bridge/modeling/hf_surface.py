@@ -200,16 +200,23 @@ _EMBEDDING_SUFFIXES = (
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def _state_aliases(config, prefix: str) -> Dict[str, Optional[str]]:
+def _state_aliases(config, prefix: str, head: str) -> Dict[str, Optional[str]]:
     """transformers state-dict names that are no engine weight of their own: the HF name they
     stand for, or None (skipped). Tied: the decoder is the word embeddings and the head's bias.
     Untied: HF's forward uses the decoder's bias and never reads the head's separate bias."""
-    names = weight_map_for(config)
+    names = weight_map_for(config, head)
     decoder, bias = names.head_decoder, names.head_bias
-    buffers = dict.fromkeys(f"{prefix}.{b}" for b in _BUFFERS)
+    buffers = dict.fromkeys(f"{prefix}.{b}" if prefix else b for b in _BUFFERS)
+    if decoder is None:  # a task head: no tied copies
+        return buffers
     if ties_word_embeddings(config):
         return {f"{decoder}.weight": None, f"{decoder}.bias": None, **buffers}
     return {f"{decoder}.bias": bias, bias: None, **buffers}
+
+
+def names_prefix(model) -> str:
+    """The base prefix the model's own state-dict names carry ("" for the base model class)."""
+    return weight_map_for(model.config, model.head_spec.name).hf_prefix
 
 
 def _frozen_embedding(weight: torch.Tensor, padding_idx: Optional[int]) -> nn.Embedding:
@@ -243,9 +250,12 @@ class HFSurfaceMixin:
         ``tp_size=1``, a gathered read-only copy under tensor parallelism."""
         return _frozen_embedding(self._engine_tensor("embeddings.word_embeddings.weight"), self.config.pad_token_id)
 
-    def get_output_embeddings(self) -> nn.Linear:
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
         """An ``nn.Linear`` over the engine's decoder (the word embeddings when tied) and
-        ``lm_head.bias``; views at ``tp_size=1``, gathered copies under tensor parallelism."""
+        ``lm_head.bias``; views at ``tp_size=1``, gathered copies under tensor parallelism. None for
+        a model without a masked-LM head (as transformers' task classes)."""
+        if self.head_spec.outputs != "vocab":
+            return None
         tied = ties_word_embeddings(self.config)
         weight = self._engine_tensor("embeddings.word_embeddings.weight" if tied else "lm_head.decoder.weight")
         return _frozen_linear(weight, self._engine_tensor("lm_head.bias"))
@@ -359,14 +369,16 @@ class HFSurfaceMixin:
         the decoder's bias (the one transformers' forward uses)."""
         from .saving import engine_state_dict
 
-        state = engine_state_dict(self.runtime.full_parameters(), self.runtime.model.layouts, self.config)
+        state = engine_state_dict(self.runtime.full_parameters(), self.runtime.model.layouts, self.config,
+                                  self.head_spec.name)
         # transformers' state dict also lists the tied copies it does not save
-        names = weight_map_for(self.config)
-        word_embeddings = f"{self.base_model_prefix}.embeddings.word_embeddings.weight"
-        if ties_word_embeddings(self.config) and word_embeddings in state:
-            state.setdefault(f"{names.head_decoder}.weight", state[word_embeddings])
-        if names.head_bias in state:
-            state.setdefault(f"{names.head_decoder}.bias", state[names.head_bias])
+        names = weight_map_for(self.config, self.head_spec.name)
+        word_embeddings = names.to_hf_name("embeddings.word_embeddings.weight")
+        if names.head_decoder is not None:  # the masked-LM head
+            if ties_word_embeddings(self.config) and word_embeddings in state:
+                state.setdefault(f"{names.head_decoder}.weight", state[word_embeddings])
+            if names.head_bias in state:
+                state.setdefault(f"{names.head_decoder}.bias", state[names.head_bias])
         out = destination if destination is not None else {}
         out.update({prefix + name: tensor for name, tensor in state.items()})
         return out
@@ -374,7 +386,7 @@ class HFSurfaceMixin:
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Write HF-named tensors (what :meth:`state_dict` returns) into the engine's weights.
         Tied copies and buffers are skipped; ``strict`` refuses missing and unexpected names."""
-        shapes, aliases = self._engine_shapes(), _state_aliases(self.config, self.base_model_prefix)
+        shapes, aliases = self._engine_shapes(), _state_aliases(self.config, names_prefix(self), self.head_spec.name)
         tensors, unexpected = {}, []
         for name, value in state_dict.items():
             if name in aliases:

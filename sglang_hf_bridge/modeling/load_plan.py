@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import NEUTRAL_HEAD_HINT, SUPPORTED_MODEL_TYPES, CheckpointFiles, checkpoint_tensor_shapes
 from ..errors import CheckpointError
 from ..sglang_models.families import ties_word_embeddings
+from ..sglang_models.heads import MASKED_LM, Head, task_head_rows
 from ..sglang_models.weight_map import weight_map_for
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ FIELD_HINTS = {"max_position_embeddings": ("position_embeddings",), "type_vocab_
 @dataclass(frozen=True)
 class LoadPlan:
     """``skip``: checkpoint names the engine does not load (the unexpected keys, as they are spelt
-    in the files); ``loading_info``: what ``output_loading_info=True`` returns (transformers' keys
-    and types)."""
+    in the files); ``new_tensors``: a task head the checkpoint lacks, initialised as transformers
+    initialises it (HF names); ``loading_info``: what ``output_loading_info=True`` returns
+    (transformers' keys and types)."""
 
     skip: FrozenSet[str]
     loading_info: Dict[str, Any] = field(default_factory=dict)
+    new_tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def reference_model(hf_class_name: str, config):
@@ -77,17 +80,40 @@ def _size_field(config, name: str, ckpt_shape: Tuple[int, ...], model_shape: Tup
     return f"{len(model_shape)} dimensions"
 
 
-def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, source: str) -> LoadPlan:
+def new_head_tensors(model, missing) -> Dict[str, torch.Tensor]:
+    """The ``missing`` tensors of transformers' ``model`` (built on the meta device) initialised
+    exactly as its ``from_pretrained`` initialises them: every other tensor marked initialised, the
+    missing ones materialised on the CPU, then transformers' own ``initialize_weights`` (its
+    ``_init_weights`` per module, children first; the same draws from torch's global generator in
+    the same order, so the same seed gives the same head)."""
+    missing = set(missing)
+    for name, tensor in list(model.state_dict(keep_vars=True).items()):
+        if name in missing:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, attr, torch.nn.Parameter(torch.empty_like(tensor, device="cpu"),
+                                                     requires_grad=tensor.requires_grad))
+        else:
+            tensor._is_hf_initialized = True
+    model.initialize_weights()
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in sorted(missing)}
+
+
+def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, source: str,
+                         head: Head = MASKED_LM) -> LoadPlan:
     """Check the checkpoint's tensors against transformers' ``hf_class_name`` built from ``config``
-    and decide what the engine loads. ``source`` names the checkpoint in messages and logs."""
+    and decide what the engine loads. ``source`` names the checkpoint in messages and logs. A task
+    ``head`` the checkpoint lacks is initialised as transformers initialises it (reported in
+    ``missing_keys`` with transformers' warning); any other missing tensor is refused."""
     shapes = checkpoint_tensor_shapes(files)
-    names = weight_map_for(config)
+    names = weight_map_for(config, head.name)
     model = reference_model(hf_class_name or SUPPORTED_MODEL_TYPES[config.model_type], config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = _tied_targets(model, config)
     present = {names.hf_key(name): name for name in shapes}  # HF spelling -> the file's spelling
 
-    if not any(k.startswith(names.head_prefix) for k in present):
+    if not head.new_when_missing and not any(k.startswith(names.head_prefix) for k in present):
         raise CheckpointError(f"{source!r} has no {names.head_prefix}* tensors: it is an encoder without a "
                               "masked-LM head" + (NEUTRAL_HEAD_HINT if config.model_type == "bert" else ""))
     mismatched = []
@@ -101,6 +127,10 @@ def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, sou
             + "; ".join(mismatched[:4]) + (" ..." if len(mismatched) > 4 else "")
             + ". Fix config.json to match the weights (transformers refuses this checkpoint too)")
     missing = sorted(k for k in expected if k not in present and tied.get(k) not in present)
+    head_names = {names.to_hf_name(c) for c, _, _ in task_head_rows(head.shape(names.family))} \
+        if head.new_when_missing else set()
+    new = [k for k in missing if k in head_names]
+    missing = [k for k in missing if k not in head_names]
     if missing:
         raise CheckpointError(
             f"{source!r} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:6])}"
@@ -111,5 +141,10 @@ def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, sou
         logger.warning("Some weights of the checkpoint at %s were not used when initializing %s: %s\n- This IS "
                        "expected when the checkpoint was trained with other heads or a larger model (a pooler, "
                        "the next-sentence head, extra task heads).", source, hf_class_name, sorted(unexpected))
-    info = {"missing_keys": set(), "unexpected_keys": unexpected, "mismatched_keys": set(), "error_msgs": []}
-    return LoadPlan(frozenset(present[k] for k in unexpected), info)
+    new_tensors = new_head_tensors(model, new) if new else {}
+    if new:
+        logger.warning("Some weights of %s were not initialized from the model checkpoint at %s and are newly "
+                       "initialized: %s\nYou should probably TRAIN this model on a down-stream task to be able to "
+                       "use it for predictions and inference.", hf_class_name, source, new)
+    info = {"missing_keys": set(new), "unexpected_keys": unexpected, "mismatched_keys": set(), "error_msgs": []}
+    return LoadPlan(frozenset(present[k] for k in unexpected), info, new_tensors)

@@ -14,7 +14,6 @@ from ..engine import EncoderCall, Logits
 from ..errors import InputValidationError
 from .base import SGLangPreTrainedModel
 from .inputs import scatter_rows, validate_and_prepare, validate_labels, validate_token_id, validate_vocab_ids
-from .saving import save_adapter_and_base, save_engine_checkpoint
 
 
 class SGLangMaskedLM(SGLangPreTrainedModel):
@@ -152,31 +151,6 @@ class SGLangMaskedLM(SGLangPreTrainedModel):
                 f"this model has no mask token id ({source}): pass mask_token_id=tokenizer.mask_token_id, set "
                 "model.mask_token_id, or give the positions to score as positions=")
         return validate_token_id("model.mask_token_id", default, self.config.vocab_size), source
-
-    def _assign_adapters(self, prepared, adapter_names) -> None:
-        for seq, lora_id in zip(prepared.sequences, self._row_lora_ids(len(prepared.sequences), adapter_names)):
-            seq.lora_id = lora_id
-
-    def save_pretrained(self, save_directory, adapter_name: Optional[str] = None,
-                        save_base_model: Optional[bool] = None, **kwargs) -> None:
-        """Without adapters: an HF checkpoint (safetensors) transformers' own masked-LM class
-        loads. With adapters (as transformers does with PEFT adapters loaded): the adapter
-        ``adapter_name`` (default: the active one) in PEFT format; ``save_base_model=True``
-        also writes the base checkpoint.
-
-        Atomic (``sglang_hf_bridge.atomic_dir``): whatever happens to this process (Ctrl-C,
-        kill -9, power loss), ``save_directory`` holds the old save or the new one, whole. Other
-        files in it (tokenizer, ``trainer_state.json``, ``checkpoint-*/``) are kept; the previous
-        save's weight files and config are replaced."""
-        loaded = list(self._adapter_state())
-        if loaded and adapter_name is None and self._bridge_active is None:
-            adapter_name = loaded[0]
-        if loaded and save_base_model:
-            save_adapter_and_base(self, save_directory, adapter_name)  # one atomic swap for both
-        elif loaded:
-            self.save_adapter(save_directory, adapter_name)
-        else:
-            save_engine_checkpoint(self, save_directory)
 
 
 def _resolve_positions(positions, ids: torch.Tensor, mask: torch.Tensor, mask_id: int) -> List[Tuple[int, int]]:

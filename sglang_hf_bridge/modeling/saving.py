@@ -1,4 +1,4 @@
-"""Engine weights -> an HF masked-LM checkpoint, through the weight map's name table."""
+"""Engine weights -> an HF checkpoint of the model's class, through the weight map's name table."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from ..sglang_models.families import ties_word_embeddings
 from ..sglang_models.weight_map import weight_map_for
 
 
-def engine_state_dict(params: Dict[str, torch.Tensor], layouts, config) -> Dict[str, torch.Tensor]:
-    """HF-named tensors (the family's base prefix, q/k/v unfused) copied from whole engine weights
-    (:meth:`EncoderRuntime.full_parameters`: padding already removed)."""
+def engine_state_dict(params: Dict[str, torch.Tensor], layouts, config, head: str) -> Dict[str, torch.Tensor]:
+    """HF-named tensors (the family's base prefix, q/k/v unfused, the ``head``'s names) copied from
+    whole engine weights (:meth:`EncoderRuntime.full_parameters`: padding already removed)."""
     state: Dict[str, torch.Tensor] = {}
-    names = weight_map_for(config)
+    names = weight_map_for(config, head)
     duplicates = names.saved_duplicates(ties_word_embeddings(config))
     for engine_name, param in params.items():
         tensor = param.detach().to("cpu")
@@ -55,6 +55,7 @@ def write_engine_checkpoint(model, directory: str) -> None:
     """The checkpoint's files, written (new files only) into an existing private directory."""
     params = model.runtime.full_parameters()
     config = model.config.__class__.from_dict(model.config.to_dict())
-    config.architectures = [SUPPORTED_MODEL_TYPES[config.model_type]]
+    config.architectures = [model.hf_model_class or SUPPORTED_MODEL_TYPES[config.model_type]]
     config.dtype = str(model.dtype).replace("torch.", "")
-    write_safetensors(engine_state_dict(params, model.runtime.model.layouts, config), directory, config)
+    state = engine_state_dict(params, model.runtime.model.layouts, config, model.head_spec.name)
+    write_safetensors(state, directory, config)

@@ -32,10 +32,12 @@ from sglang.srt.model_loader.weight_utils import default_weight_loader
 from torch import nn
 
 from .. import compat
-from .families import ties_word_embeddings
+from .families import family_for, ties_word_embeddings
 from .forward_context import PassOutputs, QueryOnlyState, current_pass
+from .heads import MASKED_LM, head_of
 from .layout import EngineLayouts, build_layouts
 from .lm_head import MaskedLMHead
+from .task_heads import Pooler, TaskHead
 from .weight_map import LORA_TARGETS, canonical_name, weight_map_for
 
 
@@ -194,9 +196,10 @@ class RobertaLayer(nn.Module):
 
 
 class SGLangBridgeRobertaForMaskedLM(nn.Module):
-    """Encoder + masked-LM head. ``forward`` returns the pass's hidden states
-    (:class:`~.forward_context.PassOutputs`); the engine applies :meth:`compute_logits` only where
-    logits are wanted."""
+    """Encoder + the head the config names (:mod:`.heads`: masked LM by default; a task head --
+    pooler, classification dense, output projection -- otherwise). ``forward`` returns the pass's
+    hidden states (:class:`~.forward_context.PassOutputs`); the engine applies
+    :meth:`compute_logits` only to the rows the head reads."""
 
     def __init__(self, *, config, quant_config=None, prefix: str = ""):
         super().__init__()
@@ -209,9 +212,18 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         self.layers = nn.ModuleList(
             [RobertaLayer(config, i, prefix=f"layers.{i}") for i in range(config.num_hidden_layers)]
         )
-        self.lm_head = MaskedLMHead(config, self.embeddings.word_embeddings)
+        self.head_spec = head_of(config)
+        self.lm_head = self.pooler = self.head = None
+        if self.head_spec is MASKED_LM:
+            self.lm_head = MaskedLMHead(config, self.embeddings.word_embeddings)
+        else:
+            shape = self.head_spec.shape(family_for(config).name)
+            self.pooler = Pooler(config.hidden_size) if shape.pooler else None
+            if shape.output is not None:
+                self.head = TaskHead(config.hidden_size, self.head_spec.num_outputs(config), shape.dense is not None)
         self.layouts = self._build_layouts()
-        self.lm_head.vocab_layout = self.layouts["lm_head.bias"]
+        if self.lm_head is not None:
+            self.lm_head.vocab_layout = self.layouts["lm_head.bias"]
 
     @torch.no_grad()
     def forward(
@@ -250,19 +262,25 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         """Compute the bridge's own linears (the head) with ``linear``, and the FFN's up-projection
         with ``linear_gelu`` (GELU fused) where given (SGLang's layers are routed by
         compat.route_linear_layers)."""
-        self.lm_head.linear = linear
+        if self.lm_head is not None:
+            self.lm_head.linear = linear
         for layer in self.layers:
             layer.mlp.linear_gelu = linear_gelu
             layer.mlp.up_base = compat.lora_base_layer(layer.mlp.fc_in)
 
     def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None):
-        return self.lm_head(hidden, vocab_ids)
+        """The head on the rows it reads: masked-LM logits, or pooler -> task head."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden, vocab_ids)
+        if self.pooler is not None:
+            hidden = self.pooler(hidden)
+        return hidden if self.head is None else self.head(hidden)
 
     def _build_layouts(self) -> EngineLayouts:
         """Every parameter's layout, from this rank's shapes, checked against SGLang's own
         vocabulary ranges (read through compat)."""
         vocab = {"embeddings.word_embeddings.weight": self.embeddings.word_embeddings}
-        if hasattr(self.lm_head, "decoder"):
+        if self.lm_head is not None and hasattr(self.lm_head, "decoder"):
             vocab["lm_head.decoder.weight"] = self.lm_head.decoder
         return build_layouts(
             self.config, get_tensor_model_parallel_world_size(),

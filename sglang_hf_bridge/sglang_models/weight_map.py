@@ -11,7 +11,7 @@ Engine parameters are those of :mod:`sglang_hf_bridge.sglang_models.roberta_mlm`
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 Row = Tuple[str, str, Optional[str]]
@@ -73,20 +73,31 @@ def _head_rows(dense: str, norm: str, bias: str, decoder: str) -> List[Row]:
     ]
 
 
+# Names transformers' task classes write outside the base model, for every head of every family
+# (a checkpoint name starting with one of these is a head tensor, never an encoder one).
+TOP_LEVEL_PREFIXES = ("lm_head.", "cls.", "classifier.", "qa_outputs.")
+_POOLER = re.compile(r"^pooler\.")
+
+
 @dataclass(frozen=True)
 class WeightMap:
     """One checkpoint family's names over the shared engine model (a second map, not a second
-    engine). ``hf_prefix`` is what transformers' class writes before encoder names."""
+    engine), for one head (:mod:`.heads`). ``hf_prefix`` is what transformers' class writes before
+    encoder names ("" for the base model class itself); ``head_prefixes`` the head's names outside
+    the base model. The ``head_dense_module`` / ``head_bias`` / ``head_decoder`` names are the
+    masked-LM head's (None for other heads)."""
 
     family: str
     hf_prefix: str
     accepted_prefixes: Tuple[str, ...]
     head_prefix: str
-    head_dense_module: str
-    head_bias: str
-    head_decoder: str
+    head_dense_module: Optional[str]
+    head_bias: Optional[str]
+    head_decoder: Optional[str]
     rows: Tuple[Row, ...]
-    ignored: Tuple["re.Pattern[str]", ...] = (re.compile(r"^embeddings\.position_ids$"), re.compile(r"^pooler\."))
+    ignored: Tuple["re.Pattern[str]", ...] = (re.compile(r"^embeddings\.position_ids$"), _POOLER)
+    head: str = "masked_lm"
+    head_prefixes: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_forward", [(_pattern(c), e, s) for c, e, s in self.rows])
@@ -94,13 +105,16 @@ class WeightMap:
         object.__setattr__(self, "_reverse_cache", {})
 
     def hf_key(self, name: str) -> str:
-        """A checkpoint name as transformers' class of this family spells it: legacy names renamed
-        (:data:`LEGACY_RENAMES`), any accepted base prefix written as ``hf_prefix``."""
-        name = canonical_name(name)
-        for prefix in self.accepted_prefixes:
-            if name.startswith(prefix):
-                return f"{self.hf_prefix}.{name[len(prefix):]}"
-        return name
+        """A checkpoint name as transformers' class of this family and head spells it: legacy names
+        renamed (:data:`LEGACY_RENAMES`), the base model's names (with any accepted base prefix, or
+        none: a base-model checkpoint) under ``hf_prefix``; head names as they are."""
+        bare = self.strip_base_prefix(canonical_name(name))
+        if bare.startswith(TOP_LEVEL_PREFIXES):
+            return bare
+        return self._under_base(bare)
+
+    def _under_base(self, name: str) -> str:
+        return f"{self.hf_prefix}.{name}" if self.hf_prefix else name
 
     def strip_base_prefix(self, name: str) -> str:
         for prefix in self.accepted_prefixes:
@@ -110,22 +124,21 @@ class WeightMap:
 
     def to_hf_name(self, checkpoint_name: str) -> str:
         """A table name as transformers' class writes it (base prefix before encoder names)."""
-        if checkpoint_name.startswith(self.head_prefix):
+        if checkpoint_name.startswith(self.head_prefixes):
             return checkpoint_name
-        return f"{self.hf_prefix}.{checkpoint_name}"
-
-    def is_head_name(self, name: str) -> bool:
-        return name.startswith(self.head_prefix)
+        return self._under_base(checkpoint_name)
 
     def skipped_when_loading(self, tied: bool) -> Tuple[str, ...]:
         """Tied: the decoder copies are redundant. Untied: HF's forward uses the decoder's bias."""
+        if self.head_decoder is None:
+            return ()
         if tied:
             return (f"{self.head_decoder}.weight", f"{self.head_decoder}.bias")
         return (self.head_bias,)
 
     def saved_duplicates(self, tied: bool) -> Tuple[str, ...]:
         """Names HF does not store (tied to another saved tensor)."""
-        return (f"{self.head_decoder}.bias",) if tied else ()
+        return (f"{self.head_decoder}.bias",) if tied and self.head_decoder is not None else ()
 
     def checkpoint_to_engine_name(self, name: str) -> Optional[Tuple[str, Optional[str]]]:
         """Map one checkpoint tensor name to ``(engine_name, shard_id)``; None if ignored.
@@ -225,6 +238,7 @@ ROBERTA = WeightMap(
     head_bias="lm_head.bias",
     head_decoder="lm_head.decoder",
     rows=tuple(ENCODER_ROWS + _head_rows("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder")),
+    head_prefixes=("lm_head.",),
 )
 BERT = WeightMap(
     family="bert",
@@ -239,13 +253,39 @@ BERT = WeightMap(
     # BertForPreTraining checkpoints also carry the next-sentence head; it is not the MLM's.
     ignored=(re.compile(r"^embeddings\.position_ids$"), re.compile(r"^pooler\."),
              re.compile(r"^cls\.seq_relationship\.")),
+    head_prefixes=("cls.predictions.",),
 )
 # Every base-model prefix any family uses (PEFT adapter keys may carry any of them).
 BASE_MODEL_PREFIXES = tuple(dict.fromkeys(p for m in (ROBERTA, BERT) for p in m.accepted_prefixes))
 
 
-def weight_map_for(config) -> WeightMap:
-    """The weight map of a config's family (:mod:`.families`; KeyError for an unsupported one)."""
-    from .families import family_for
+def head_weight_map(masked_lm: WeightMap, head_name: str) -> WeightMap:
+    """A family's names for another head: the encoder rows of its masked-LM map plus the head's
+    own (:mod:`.heads`); the pooler is loaded where the head has one, ignored elsewhere."""
+    from .heads import HEADS, task_head_rows, top_level_prefixes
 
-    return family_for(config).weight_map
+    if head_name == masked_lm.head:
+        return masked_lm
+    key = (masked_lm.family, head_name)
+    if key not in _HEAD_MAPS:
+        head = HEADS[head_name]
+        shape = head.shape(masked_lm.family)
+        ignored = tuple(p for p in masked_lm.ignored if not (shape.pooler and p is _POOLER))
+        _HEAD_MAPS[key] = replace(
+            masked_lm, hf_prefix=masked_lm.hf_prefix if head.under_base else "", head=head_name,
+            head_prefix=(top_level_prefixes(shape) or ("pooler.",))[0], head_prefixes=top_level_prefixes(shape),
+            head_dense_module=None, head_bias=None, head_decoder=None, ignored=ignored,
+            rows=tuple(ENCODER_ROWS + task_head_rows(shape)))
+    return _HEAD_MAPS[key]
+
+
+_HEAD_MAPS: dict = {}
+
+
+def weight_map_for(config, head: Optional[str] = None) -> WeightMap:
+    """The weight map of a config's family (:mod:`.families`; KeyError for an unsupported one) for
+    ``head`` (default: the head the config names, :data:`.heads.HEAD_CONFIG_KEY`, else masked LM)."""
+    from .families import family_for
+    from .heads import head_of
+
+    return head_weight_map(family_for(config).weight_map, head or head_of(config).name)

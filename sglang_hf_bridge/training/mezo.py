@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..engine import base_layer_of, hf_parameter_slices, min_layer_of, rank_copy_adapter
+from ..engine import HEAD, base_layer_of, hf_parameter_slices, min_layer_of, rank_copy_adapter
 from ..process import deferred_interrupts
 from . import distributed
 from .prompts import PromptClassifier, float32_cross_entropy
@@ -106,7 +106,8 @@ class MeZOTrainingArguments(TrainingArguments):
     zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale epsilon"})
     zo_num_samples: int = field(default=1, metadata={"help": "n of n-SPSA: directions per step"})
     zo_trainable: str = field(default="auto",
-                              metadata={"help": "'all' weights, 'lora' (the active adapter), or 'auto'"})
+                              metadata={"help": "'all' weights, 'lora' (the active adapter), 'head' (the task head and "
+                                                        "pooler only), or 'auto'"})
     zo_paired_batch: bool = field(default=True, metadata={"help": "LoRA on the engine: +/- passes in one batch"})
     zo_top_layers: int = field(default=0, metadata={
         "help": "full-parameter MeZO on the top k encoder layers and the LM head only (0: every weight)"})
@@ -121,8 +122,8 @@ class MeZOTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.zo_trainable not in ("auto", "all", "lora"):
-            raise ValueError(f"zo_trainable must be 'auto', 'all' or 'lora', got {self.zo_trainable!r}")
+        if self.zo_trainable not in ("auto", "all", "lora", "head"):
+            raise ValueError(f"zo_trainable must be 'auto', 'all', 'lora' or 'head', got {self.zo_trainable!r}")
         if self.zo_eps <= 0 or self.zo_num_samples < 1:
             raise ValueError("zo_eps must be > 0 and zo_num_samples >= 1")
         if self.zo_top_layers < 0 or self.zo_frozen_cache_mb <= 0:
@@ -202,6 +203,11 @@ class MeZOTrainer(Trainer):
                     raise ValueError(f"zo_top_layers={self.args.zo_top_layers} is more than the model's "
                                      f"{base.config.num_hidden_layers} layers")
                 include = lambda n: base_layer_of(n) >= first  # noqa: E731 (encoder layers >= first, LM head)
+            if mode == "head":  # the head above the encoder (task head, pooler; the LM head's own tensors)
+                if self.args.zo_top_layers:
+                    raise ValueError("zo_trainable='head' trains the head only; zo_top_layers adds encoder layers: "
+                                     "choose one")
+                include, mode = (lambda n: base_layer_of(n) == HEAD), "all"  # noqa: E731
             if mode == "lora" and not engine:  # PEFT on transformers: the same PEFT names as the engine's
                 self._zo_target = TorchParametersTarget(base, include=lambda n: "lora_" in n, rename=_peft_saved_name)
             elif mode == "lora":

@@ -1,0 +1,1 @@
+"""Engine-backed models under other libraries' model objects (sentence-transformers)."""
