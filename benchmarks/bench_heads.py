@@ -9,17 +9,20 @@ same model. What, every path on the same inputs (SST-2 sentences, data/sst2/k-sh
                length-sorted batches (its strongest setting), that model exported to ONNX
                (ONNX Runtime, ONNX Runtime fused by onnxruntime.transformers' optimizer, OpenVINO
                f32), and SGLangRobertaForSequenceClassification (head at each first token only).
-  embeddings   the real all-MiniLM-L6-v2: SentenceTransformer(...).encode (torch backend) vs the
-               same model after use_sglang_engine(...), at batch 32 and batch 1 (one encode call per
-               sentence: latency); sentence-transformers' backend="onnx"/"openvino" when they load,
+  embeddings   the real all-MiniLM-L6-v2: SentenceTransformer(...).encode (torch backend) vs a
+               second copy after use_sglang_engine(..., enable_lora=False) (two objects, so the
+               passes can alternate), at batch 32 and batch 1 (one encode call per sentence:
+               latency); sentence-transformers' backend="onnx"/"openvino" when they load (they need
+               optimum, which pins transformers below this project's: pip would downgrade it),
                else its BertModel exported to ONNX here with ST's mean pooling + normalisation.
 
-Timed passes run path after path (seq-cls: batch after batch), ``--repeats`` times, median; errors
-are max abs differences against transformers float32 (seq-cls logits) / sentence-transformers'
-torch embeddings. Fraction of peak: useful FLOPs (bench_runtimes.useful_flops, real tokens only,
-plus the classifier head per sequence) over this host's honest GEMM peak (gemm_peak.honest_peak,
-best of start and end). Not measured: RSS of 8 per-row classifier adapters vs 8 merged models
-(per-row classifier heads are not implemented yet).
+A first pass (the answers' check) warms every path and shape; timed passes then run unit by unit
+(batch, or sentence at batch 1), path after path, ``--repeats`` times, median; latency_ms: median
+of one batch-1 call. Errors: max abs difference from transformers float32 (seq-cls logits) or
+sentence-transformers' torch embeddings. Fraction of peak: useful FLOPs (bench_runtimes.useful_flops,
+real tokens only, plus the classifier head per sequence) over this host's honest GEMM peak
+(gemm_peak.honest_peak, best of start and end). Not measured: RSS of 8 per-row classifier
+adapters vs 8 merged models (per-row classifier heads are not implemented yet).
 
     python benchmarks/bench_heads.py                      # 256 sentences, ~6 min on 2 cores
     python benchmarks/bench_heads.py --limit 32 --repeats 1   # smoke run
@@ -75,7 +78,7 @@ class FirstOutput(torch.nn.Module):
 def export_onnx(model, tok, name: str) -> Path:
     """``FirstOutput(model)`` as ONNX (dynamic batch and length; cached in the temp dir), as
     bench_runtimes.export_onnx exports the encoder; ``model`` must use eager attention."""
-    path = Path(tempfile.gettempdir()) / f"sglang-hf-bridge-bench-{name}.onnx"
+    path = Path(tempfile.gettempdir()) / f"{name}.onnx"
     if path.exists():
         return path
     ex = tok(["A short sentence.", "A second, somewhat longer sentence to pad against."], return_tensors="pt",
@@ -126,6 +129,26 @@ def onnx_runtimes(onnx_path: Path, config, threads: int, skipped: list, what: st
     return out
 
 
+def timed(paths, units: int, repeats: int):
+    """``{name: (median seconds of a pass over all units, median seconds of one unit)}``: unit by
+    unit, path after path, the order rotated (a path's spinning threads slow the one after it; load
+    from other processes slows all alike)."""
+    totals, calls = {p[0]: [] for p in paths}, {p[0]: [] for p in paths}
+    for r in range(repeats):
+        seconds = dict.fromkeys(totals, 0.0)
+        for i in range(units):
+            k = (r * units + i) % len(paths)
+            for name, _, fn in paths[k:] + paths[:k]:
+                t0 = time.perf_counter()
+                fn(i)
+                dt = time.perf_counter() - t0
+                seconds[name] += dt
+                calls[name].append(dt)
+        for name in totals:
+            totals[name].append(seconds[name])
+    return {name: (statistics.median(totals[name]), statistics.median(calls[name])) for name in totals}
+
+
 def _row(section, batch, path, seconds, n, flops, err, note, latency=None):
     return {"section": section, "batch": batch, "path": path, "seconds": seconds, "items_per_s": n / seconds,
             "latency_ms": None if latency is None else latency * 1e3, "gflop_per_s": flops / seconds / 1e9,
@@ -169,25 +192,16 @@ def bench_classifier(texts, batch_sizes, repeats, threads, skipped):
                   lambda i: ours(**data[i]).logits)]
         with torch.inference_mode():
             reference = [sdpa(**b).logits for b in data]
-            errors = {name: max((fn(i).float() - reference[i]).abs().max().item() for i in range(len(data)))
-                      for name, _, fn in paths if not name.startswith("transformers defaults")}
-            totals = {name: [] for name, _, _ in paths}
-            calls = {name: [] for name, _, _ in paths}
-            for _ in range(repeats):
-                seconds = dict.fromkeys(totals, 0.0)
-                for i in range(len(data)):
-                    for name, _, fn in paths:
-                        t0 = time.perf_counter()
-                        fn(i)
-                        dt = time.perf_counter() - t0
-                        seconds[name] += dt
-                        calls[name].append(dt)
-                for name in totals:
-                    totals[name].append(seconds[name])
+            by_text = torch.empty(len(texts), config.num_labels)
+            by_text[order] = torch.cat(reference)  # the unsorted batches' answers, in data order
+            unsorted_ref = list(by_text.split(bs))
+            errors = {name: max((fn(i).float() - (unsorted_ref if "unsorted" in name else reference)[i]).abs().max()
+                                .item() for i in range(len(data))) for name, _, fn in paths}  # the warm pass
+            timing = timed(paths, len(data), repeats)
         for name, note, _ in paths:
-            t = statistics.median(totals[name])
-            latency = statistics.median(calls[name]) if bs == 1 else None
-            rows.append(_row("seq-cls", bs, name, t, len(texts), flops, errors.get(name), note, latency))
+            t, per_call = timing[name]
+            rows.append(_row("seq-cls", bs, name, t, len(texts), flops, errors[name], note,
+                             per_call if bs == 1 else None))
             print(f"seq-cls b={bs} {name}: {t:.2f} s, max err {rows[-1]['max_err']}", flush=True)
     gemm = ours.runtime.config.gemm
     ours.close()
@@ -250,7 +264,7 @@ def bench_embeddings(texts, repeats, threads, skipped):
         from transformers import AutoModel
 
         onnx_path = export_onnx(AutoModel.from_pretrained(path, attn_implementation="eager"), st.tokenizer,
-                                "all-minilm-l6-v2-bertmodel")
+                                "sglang-hf-bridge-bench-all-minilm-l6-v2-bertmodel")
         for name, note, run in onnx_runtimes(onnx_path, config, threads, skipped, "embeddings"):
             paths.append((f"{name} (exported BertModel + ST pooling)", note, manual_encoder(st, run)))
     rows, checks = [], {}
@@ -266,24 +280,14 @@ def bench_embeddings(texts, repeats, threads, skipped):
                           "engine_vs_st_max_abs_diff_batch1": errors[1][name]}
                 print(f"engine embeddings vs sentence-transformers: max abs diff {errors[32][name]:.2e} (batch 32), "
                       f"{errors[1][name]:.2e} (one sentence per call)", flush=True)
-        for bs in (32, 1):
-            totals = {name: [] for name, _, _ in paths}
-            calls = {name: [] for name, _, _ in paths}
-            for r in range(repeats):
-                for name, _, encode in paths[r % len(paths):] + paths[: r % len(paths)]:  # rotate the order
-                    t0 = time.perf_counter()
-                    if bs == 1:
-                        for s in texts:
-                            t1 = time.perf_counter()
-                            encode(s)
-                            calls[name].append(time.perf_counter() - t1)
-                    else:
-                        encode(texts, batch_size=bs)
-                    totals[name].append(time.perf_counter() - t0)
+        for bs in (32, 1):  # batch 32: one encode call over all sentences; batch 1: one call per sentence
+            runs = [(name, note, (lambda i, e=encode: e(texts[i])) if bs == 1 else
+                     (lambda i, e=encode: e(texts, batch_size=32))) for name, note, encode in paths]
+            timing = timed(runs, len(texts) if bs == 1 else 1, repeats)
             for name, note, _ in paths:
-                t = statistics.median(totals[name])
-                latency = statistics.median(calls[name]) if bs == 1 else None
-                rows.append(_row("embeddings", bs, name, t, len(texts), flops, errors[bs][name], note, latency))
+                t, per_call = timing[name]
+                rows.append(_row("embeddings", bs, name, t, len(texts), flops, errors[bs][name], note,
+                                 per_call if bs == 1 else None))
                 print(f"embeddings b={bs} {name}: {t:.2f} s, max err {rows[-1]['max_err']}", flush=True)
     ours.close_engines()
     return rows, checks

@@ -34,6 +34,32 @@ def test_tp2_new_head_from_a_masked_lm_checkpoint(tmp_path):
         model.close()
 
 
+def test_tp2_adapters_with_their_own_heads(tmp_path):
+    """Per-row PEFT SEQ_CLS adapters (LoRA + own classifier) at tp_size=2: every rank holds each
+    adapter's head; rows equal PEFT's."""
+    from test_heads_lora import peft_adapter
+
+    hf = build_task_checkpoint(tmp_path / "base", "roberta", "ForSequenceClassification", seed=8, num_labels=3)
+    peft_a = peft_adapter(hf, "SEQ_CLS", 21, tmp_path / "a")
+    model = bridge.SGLangRobertaForSequenceClassification.from_pretrained(tmp_path / "base", tp_size=2, device="cpu")
+    try:
+        model.load_adapter(tmp_path / "a", adapter_name="a")
+        enc = padded_batch("roberta")
+        out = model(**enc, adapter_names=["a", "__base__", "a"]).logits
+        with torch.no_grad():
+            ref_a, ref_base = peft_a(**enc).logits, hf(**enc).logits
+        assert max_abs_diff(out[[0, 2]], ref_a[[0, 2]]) <= TOL
+        assert max_abs_diff(out[1], ref_base[1]) <= TOL
+        model.save_adapter(tmp_path / "saved", adapter_name="a")
+        from peft import PeftModel
+
+        back = PeftModel.from_pretrained(hf, tmp_path / "saved").eval()
+        with torch.no_grad():
+            assert max_abs_diff(back(**enc).logits, ref_a) <= TOL
+    finally:
+        model.close()
+
+
 @pytest.fixture(scope="module", params=[("bert", "ForSequenceClassification", {"num_labels": 3}),
                                         ("roberta", "ForTokenClassification", {"num_labels": 4}),
                                         ("roberta", "Model", {})],

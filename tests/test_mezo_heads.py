@@ -83,3 +83,42 @@ def test_classifier_mezo_matches_reference(classifier_setup, tokenizer, tmp_path
         assert all(max_abs_diff(state[n], hf.state_dict()[n]) == 0 for n in untouched)
         if mode == "head":
             assert model.cache_stats()["frozen_layer"] is not None
+
+
+def test_lora_with_its_own_head_matches_peft_under_mezo(classifier_setup, tokenizer, tmp_path):
+    """LoRA + trainable head (a SEQ_CLS adapter's modules_to_save): the adapter's matrices and its
+    head move exactly as MeZOTrainer moves them on the PEFT model (same names, same directions)."""
+    from peft import LoraConfig, get_peft_model
+
+    path, hf, rows = classifier_setup
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                              target_modules=["query", "value"],
+                                                              init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    def train(model, out):
+        args = MeZOTrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS,
+                                     learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant", zo_eps=EPS,
+                                     seed=SEED, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                                     zo_trainable="lora")
+        trainer = RecordingMeZOTrainer(model=model, args=args, train_dataset=rows,
+                                       data_collator=DataCollatorWithPadding(tokenizer))
+        trainer.train()
+        return trainer
+
+    ref = train(peft_model, tmp_path / "ref")
+    with SGLangRobertaForSequenceClassification.from_pretrained(path) as model:
+        model.load_adapter(tmp_path / "adapter", adapter_name="task")
+        ours = train(model, tmp_path / "ours")
+        for a, b in zip(ours.zo_history, ref.zo_history):
+            assert abs(a["projected_grads"][0] - b["projected_grads"][0]) <= 1e-3 * max(1.0, abs(b["projected_grads"][0]))
+        from sglang_hf_bridge.training.mezo import _peft_saved_name
+
+        expected = {_peft_saved_name(n): p for n, p in peft_model.named_parameters()
+                    if "lora_" in n or "modules_to_save" in n}
+        tensors = model.adapter_tensors("task")
+        assert set(expected) == set(tensors)
+        assert max(max_abs_diff(tensors[n], p) for n, p in expected.items()) <= 1e-6
+        head = "base_model.model.classifier.out_proj.weight"
+        assert max_abs_diff(tensors[head], hf.state_dict()["classifier.out_proj.weight"]) > 1e-5  # it trained

@@ -20,6 +20,10 @@ from ..sglang_models.weight_map import FUSED_QKV_TARGETS, LORA_TARGETS
 
 AdapterKey = Tuple[int, str]  # (layer, engine module)
 AdapterWeights = Mapping[AdapterKey, Tuple[torch.Tensor, torch.Tensor]]  # (A [r, in], B [out, r])
+# An adapter's own task head (PEFT's modules_to_save): engine parameter name -> tensor, whole on
+# every rank (heads are replicated).
+AdapterHead = Mapping[str, torch.Tensor]
+HEAD_PARAMETER_PREFIXES = ("head.", "pooler.")
 
 
 @dataclass
@@ -34,6 +38,8 @@ class EngineAdapter:
     # This rank's views of the real (unpadded) part of each A / B in its pool slot; where each
     # sits in the full matrix is its layout's (``layout.lora_layout``).
     views: Dict[AdapterKey, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # The adapter's own head tensors (engine names), used for its rows instead of the model's head.
+    head: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def layers(self) -> FrozenSet[int]:
@@ -100,12 +106,29 @@ class AdapterPool:
         if rank > limits.max_rank:
             raise AdapterRankError(f"adapter rank {rank} is above the engine's max_lora_rank={limits.max_rank}")
 
-    def load(self, name: str, weights: AdapterWeights, rank: int, scaling: float, lora_id: str) -> EngineAdapter:
+    def own_head(self, head: Optional[AdapterHead]) -> Dict[str, torch.Tensor]:
+        """This rank's copy of an adapter's head, checked against the model's head parameters."""
+        if not head:
+            return {}
+        params = dict(self.engine.model.named_parameters())
+        out = {}
+        for name, tensor in head.items():
+            if not name.startswith(HEAD_PARAMETER_PREFIXES) or name not in params:
+                raise AdapterError(f"adapter head tensor {name!r} is not a parameter of this model's head")
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise AdapterError(f"adapter head tensor {name!r} has shape {tuple(tensor.shape)}, the model's head "
+                                   f"has {tuple(params[name].shape)}")
+            out[name] = tensor.detach().to(params[name].device, params[name].dtype).clone()
+        return out
+
+    def load(self, name: str, weights: AdapterWeights, rank: int, scaling: float, lora_id: str,
+             head: Optional[AdapterHead] = None) -> EngineAdapter:
         from sglang.srt.lora.lora_registry import LoRARef
 
         self.check_room(rank)
         config = self.engine.model.config
         validate_adapter(config, weights, rank)
+        own_head = self.own_head(head)
         full = with_full_qkv(config, weights, rank)
         ref = LoRARef(lora_name=name, lora_path=f"sglang-hf-bridge://{name}", pinned=False, lora_id=lora_id)
         # SGLang scales by lora_alpha / r; pass the alpha that yields the wanted scaling.
@@ -119,7 +142,7 @@ class AdapterPool:
             error = compat.lora_update_error(result)
             if error is not None:
                 raise AdapterError(f"SGLang refused adapter {name!r}: {error}")
-            adapter = EngineAdapter(lora_id, name, rank, scaling, frozenset(full))
+            adapter = EngineAdapter(lora_id, name, rank, scaling, frozenset(full), head=own_head)
             self.adapters[lora_id] = adapter
             self._make_resident(adapter)
         except BaseException:
@@ -181,4 +204,12 @@ class AdapterPool:
         total = 0
         for buffers in compat.lora_pool_buffers(manager):
             total += sum(compat.tensor_version(t) for per_layer in buffers.values() for t in per_layer)
+        # adapters' own heads (in-place edits through adapter_tensors() views count too)
+        total += sum(compat.tensor_version(t) for a in self.adapters.values() for t in a.head.values())
         return total
+
+    def heads_of(self, lora_ids) -> Optional[list]:
+        """Per row: the adapter's own head tensors, or None (the model's head); None when no row's
+        adapter has a head of its own."""
+        heads = [self.adapters[i].head if i is not None and i in self.adapters else None for i in lora_ids]
+        return heads if any(heads) else None

@@ -79,8 +79,9 @@ class EngineCaches:
     def adapter_version(self, lora_id: Optional[str]):
         if lora_id is None:
             return None
-        views = self.front.adapter(lora_id).views.values()
-        counters = sum(compat.tensor_version(t) for pair in views for t in pair)
+        adapter = self.front.adapter(lora_id)
+        counters = sum(compat.tensor_version(t) for pair in adapter.views.values() for t in pair)
+        counters += sum(compat.tensor_version(t) for t in adapter.head.values())  # its own head, if any
         return lora_id, self.versions.adapter_version(lora_id, counters)
 
     def weights_version(self) -> int:

@@ -209,14 +209,16 @@ class RankEngine:
         vocab_ids = None
         if call.vocab_ids is not None:
             vocab_ids = torch.as_tensor(call.vocab_ids, dtype=torch.long, device=hidden.device)
-        # Gather every position that needs the LM head and run it once for the whole chunk.
+        # Gather every position that needs the head and run it once for the whole chunk (once per
+        # head where rows' adapters bring their own).
         head_input = self._head_input(call, seqs, starts, hidden)
         logits = None
         if head_input is not None and head_input.shape[0] > 0:
-            logits = self.model.compute_logits(head_input, vocab_ids)
+            counts = [n if call.logits is Logits.ALL else len(s.logit_positions or []) for s, n in zip(seqs, lens)]
+            logits = self._apply_head(head_input, vocab_ids, seqs, counts)
         qo_logits = None
         if out.query_only_last is not None and head_input is not None:
-            qo_logits = self.model.compute_logits(out.query_only_last, vocab_ids)
+            qo_logits = self._apply_head(out.query_only_last, vocab_ids, seqs, [len(s.query_only or []) for s in seqs])
 
         results, offset, qo_offset = [], 0, 0
         for s, st, n in zip(seqs, starts, lens):
@@ -240,6 +242,25 @@ class RankEngine:
                 qo_offset += nq
             results.append(r)
         return results
+
+    def _apply_head(self, rows: torch.Tensor, vocab_ids, seqs, counts: List[int]) -> torch.Tensor:
+        """The head on ``rows`` (``counts[i]`` of them from sequence i): the model's, or for rows
+        whose adapter has its own head (PEFT's modules_to_save), that one."""
+        heads = self.adapters.heads_of([s.lora_id for s in seqs]) if self.adapters.adapters else None
+        if heads is None:
+            return self.model.compute_logits(rows, vocab_ids)
+        owner = [id(h) if h else 0 for h, n in zip(heads, counts) for _ in range(n)]
+        by_head = {id(h) if h else 0: h for h in heads}
+        out = None
+        for key, head in by_head.items():
+            idx = torch.tensor([i for i, k in enumerate(owner) if k == key], dtype=torch.long, device=rows.device)
+            if idx.numel() == 0:
+                continue
+            part = self.model.compute_logits(rows[idx], vocab_ids, head=head or None)
+            if out is None:
+                out = part.new_empty((rows.shape[0], part.shape[-1]))
+            out[idx] = part
+        return out
 
     def _query_only_lora(self, lora_ids, device) -> Optional[QueryOnlyLoRA]:
         if not any(lora_ids):

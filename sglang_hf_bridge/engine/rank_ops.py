@@ -19,9 +19,9 @@ def rank_forward(engine, call):
     return engine.forward(call)
 
 
-@writes(lambda name, weights, rank, scaling, lora_id: AdapterWrite(lora_id))
-def rank_load_adapter(engine, name: str, weights, rank: int, scaling: float, lora_id: str) -> None:
-    engine.adapters.load(name, weights, rank, scaling, lora_id)
+@writes(lambda name, weights, rank, scaling, lora_id, head=None: AdapterWrite(lora_id))
+def rank_load_adapter(engine, name: str, weights, rank: int, scaling: float, lora_id: str, head=None) -> None:
+    engine.adapters.load(name, weights, rank, scaling, lora_id, head)
 
 
 @writes(lambda lora_id: AdapterWrite(lora_id))

@@ -158,13 +158,14 @@ class EncoderRuntime:
     def _forward_all_ranks(self, call: EncoderCall) -> EncoderResult:
         return self.collective_rpc(rank_ops.rank_forward, call, gather=False)[0]
 
-    def load_adapter(self, name: str, weights, rank: int, scaling: float) -> EngineAdapter:
-        """Load on every rank, or on none: a failure or interrupt anywhere unloads it again."""
+    def load_adapter(self, name: str, weights, rank: int, scaling: float, head=None) -> EngineAdapter:
+        """Load on every rank, or on none: a failure or interrupt anywhere unloads it again.
+        ``head``: the adapter's own task head (engine names -> tensors), replicated on every rank."""
         lora_id = uuid.uuid4().hex
         with self.lock, deferred_interrupts():
             self._engine().adapters.check_room(rank)
             try:
-                self.collective_rpc(rank_ops.rank_load_adapter, name, weights, rank, scaling, lora_id)
+                self.collective_rpc(rank_ops.rank_load_adapter, name, weights, rank, scaling, lora_id, head)
                 return self.adapter(lora_id)
             except BaseException:
                 self.discard_adapter(lora_id)

@@ -10,7 +10,7 @@ operations (``fn(engine, *args)``) for :meth:`EncoderRuntime.collective_rpc`.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 
@@ -44,10 +44,15 @@ def hf_parameter_slices(model) -> Dict[str, NamedSlice]:
     return out
 
 
-def adapter_slices(engine, lora_id: str, peft_names: Dict[Tuple[int, str, str], str]) -> Dict[str, NamedSlice]:
-    """PEFT name -> slice of this rank's LoRA pool slot for one adapter."""
+def adapter_slices(engine, lora_id: str, peft_names: Dict[tuple, str]) -> Dict[str, NamedSlice]:
+    """PEFT name -> slice of this rank's LoRA pool slot for one adapter; with its own head's
+    tensors (``peft_names[("head", engine name)]``, whole on every rank) when it has one."""
     adapter = engine.adapters.adapters[lora_id]
     out = {}
+    for engine_name, tensor in adapter.head.items():
+        name = peft_names.get(("head", engine_name))
+        if name is not None:
+            out[name] = NamedSlice(name, tuple(tensor.shape), tensor, (slice(None),) * tensor.dim())
     for (layer, module), (a, b) in adapter.views.items():
         if (layer, module, "A") not in peft_names:
             continue  # a zero slice SGLang needs in its fused qkv, not part of the PEFT adapter
@@ -89,6 +94,8 @@ def rank_copy_adapter(engine, source_id: str, target_id: str) -> None:
         for key, (a, b) in src.views.items():
             dst.views[key][0].copy_(a)
             dst.views[key][1].copy_(b)
+        for name, tensor in src.head.items():
+            dst.head[name].copy_(tensor)
 
 
 @writes(lambda tensors: BaseWrite(list(tensors)))

@@ -17,15 +17,37 @@ class AdapterSpec:
     lora_alpha: float
     use_rslora: bool
     targets: FrozenSet[Tuple[int, str]]  # (layer, engine module)
+    # The model's head modules this adapter trains whole (PEFT's modules_to_save: ``classifier``,
+    # ``qa_outputs``): each row with this adapter runs the adapter's copy of them.
+    head_modules: Tuple[str, ...] = ()
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def resolve_adapter_spec(peft_config, model_config, max_rank: int) -> AdapterSpec:
+def resolve_head_modules(modules_to_save, head_modules: Tuple[str, ...], module_names) -> Tuple[str, ...]:
+    """PEFT's ``modules_to_save`` (matched as PEFT matches it: a module whose name is the entry or
+    ends with ``.entry``) -> the head modules it names. Entries matching nothing are ignored, as
+    PEFT ignores them (its SEQ_CLS default lists ``classifier`` and ``score``); an entry matching
+    an encoder module is refused (only a task head can be an adapter's own)."""
+    found = []
+    for entry in modules_to_save or ():
+        matched = [m for m in (*module_names, *head_modules) if m == entry or m.endswith(f".{entry}")]
+        encoder = [m for m in matched if m not in head_modules]
+        if encoder:
+            raise UnsupportedAdapterError(
+                f"modules_to_save={entry!r} names {encoder[0]}: the engine trains whole copies of the task head "
+                f"only ({', '.join(head_modules) or 'this model has none'})")
+        found += [m for m in matched if m not in found]
+    return tuple(found)
+
+
+def resolve_adapter_spec(peft_config, model_config, max_rank: int, head_modules: Tuple[str, ...] = (),
+                         head: str = None) -> AdapterSpec:
     """Check a ``peft.LoraConfig`` against what the engine runs and resolve its targets with
-    PEFT's own matching rules (names, regex, ``layers_to_transform``, ``exclude_modules``)."""
+    PEFT's own matching rules (names, regex, ``layers_to_transform``, ``exclude_modules``).
+    ``head_modules``: the task head's modules an adapter may save whole (``modules_to_save``)."""
     from peft import PeftType
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -34,7 +56,8 @@ def resolve_adapter_spec(peft_config, model_config, max_rank: int) -> AdapterSpe
         raise UnsupportedAdapterError(f"only LoRA adapters are supported, got peft_type={c.peft_type}")
     unsupported = [
         ("use_dora", getattr(c, "use_dora", False), "DoRA (use_dora=True)"),
-        ("modules_to_save", getattr(c, "modules_to_save", None), "modules_to_save (fully trained extra modules)"),
+        ("modules_to_save", getattr(c, "modules_to_save", None) and not head_modules,
+         "modules_to_save (fully trained extra modules) on a model without a task head"),
         ("bias", getattr(c, "bias", "none") != "none", f"bias training (bias={getattr(c, 'bias', None)!r})"),
         ("lora_bias", getattr(c, "lora_bias", False), "lora_bias"),
         ("rank_pattern", getattr(c, "rank_pattern", None), "per-module ranks (rank_pattern)"),
@@ -57,7 +80,9 @@ def resolve_adapter_spec(peft_config, model_config, max_rank: int) -> AdapterSpe
             "load the model with a larger max_lora_rank"
         )
     targets, not_runnable = set(), []
-    for name in hf_module_names(model_config):
+    module_names = hf_module_names(model_config, head)
+    saved = resolve_head_modules(getattr(c, "modules_to_save", None), head_modules, module_names)
+    for name in module_names:
         if check_target_module_exists(c, name):
             key = hf_module_to_engine(name)
             (targets.add(key) if key else not_runnable.append(name))
@@ -70,4 +95,4 @@ def resolve_adapter_spec(peft_config, model_config, max_rank: int) -> AdapterSpe
             "roberta.encoder.layer.N.attention.self.query etc.)"
         )
     return AdapterSpec(rank=c.r, lora_alpha=float(c.lora_alpha), use_rslora=bool(c.use_rslora),
-                       targets=frozenset(targets))
+                       targets=frozenset(targets), head_modules=saved)

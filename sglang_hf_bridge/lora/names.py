@@ -29,15 +29,20 @@ def hf_prefix(config) -> str:
     return weight_map_for(config).hf_prefix
 
 
-def hf_module_names(config) -> List[str]:
-    """Every module of the HF masked LM a PEFT config could name as a LoRA target."""
-    names = weight_map_for(config)
-    p = names.hf_prefix
+def hf_module_names(config, head: Optional[str] = None) -> List[str]:
+    """Every module of the HF model (masked LM, or the class of ``head``) a PEFT config could name
+    as a LoRA target."""
+    names = weight_map_for(config, head)
+    under = (lambda m: f"{names.hf_prefix}.{m}") if names.hf_prefix else (lambda m: m)  # noqa: E731
     out = []
     for i in range(config.num_hidden_layers):
-        out += [f"{p}.encoder.layer.{i}.{m}" for m in ADAPTABLE_MODULES]
-    out += [f"{p}.embeddings.word_embeddings", f"{p}.embeddings.position_embeddings",
-            f"{p}.embeddings.token_type_embeddings", names.head_dense_module, names.head_decoder]
+        out += [under(f"encoder.layer.{i}.{m}") for m in ADAPTABLE_MODULES]
+    out += [under("embeddings.word_embeddings"), under("embeddings.position_embeddings"),
+            under("embeddings.token_type_embeddings")]
+    # the head's linear modules (LoRA on them is refused as not runnable, never dropped)
+    out += sorted({names.to_hf_name(c).rsplit(".", 1)[0] for c, e, _ in names.rows
+                   if not e.startswith(("embeddings.", "layers.")) and c.endswith(".weight")
+                   and "layer_norm" not in c and "LayerNorm" not in c})
     return out
 
 
@@ -60,4 +65,5 @@ def peft_key_to_engine(key: str) -> Tuple[int, str, str]:
 def engine_key_to_peft(layer: int, module: str, which: str, prefix: str = ROBERTA.hf_prefix) -> str:
     """The key PEFT's ``save_pretrained`` writes (adapter name removed) for a model whose base
     prefix is ``prefix`` (see :func:`hf_prefix`)."""
-    return f"base_model.model.{prefix}.encoder.layer.{layer}.{ENGINE_TO_HF[module]}.lora_{which}.weight"
+    under = f"{prefix}." if prefix else ""
+    return f"base_model.model.{under}encoder.layer.{layer}.{ENGINE_TO_HF[module]}.lora_{which}.weight"

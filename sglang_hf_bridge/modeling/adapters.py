@@ -20,7 +20,7 @@ from ..hub import hub_options, resolve_adapter_directory
 from ..lora.config import AdapterSpec, resolve_adapter_spec
 from ..lora.files import read_adapter_dir, write_adapter_dir
 from ..lora.init import init_adapter_weights
-from ..lora.names import engine_key_to_peft, hf_prefix, peft_key_to_engine
+from ..lora.names import engine_key_to_peft, peft_key_to_engine
 from ..process import deferred_interrupts
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -94,9 +94,9 @@ class SGLangAdapterMixin:
             directory = resolve_adapter_directory(peft_model_id, subfolder=lookup.get("subfolder"),
                                                   **hub_options(lookup))
             config, state = read_adapter_dir(directory)
-        spec = resolve_adapter_spec(config, self.config, self._max_lora_rank())
-        weights = _state_to_engine(state, spec)
-        self._register(adapter_name, config, spec, weights)
+        spec = self._resolve_spec(config)
+        weights, head = _state_to_engine(state, spec, self._head_names())
+        self._register(adapter_name, config, spec, weights, head=head)
 
     def add_adapter(self, adapter_config, adapter_name: Optional[str] = None) -> None:
         """A fresh adapter initialised as PEFT does (B = 0 unless ``init_lora_weights=False``)."""
@@ -106,9 +106,39 @@ class SGLangAdapterMixin:
         """``add_adapter`` without the public name rules: MeZOTrainer's reserved scratch names,
         added without becoming active."""
         self._check_new_name(adapter_name)
-        spec = resolve_adapter_spec(adapter_config, self.config, self._max_lora_rank())
+        spec = self._resolve_spec(adapter_config)
         weights = init_adapter_weights(spec, adapter_config.init_lora_weights, self.config)
-        self._register(adapter_name, copy.deepcopy(adapter_config), spec, weights, activate)
+        head = self._base_head_copy(spec)  # PEFT's modules_to_save start as copies of the model's
+        self._register(adapter_name, copy.deepcopy(adapter_config), spec, weights, activate, head=head)
+
+    # ------------------------------------------------------------------ adapters' own heads
+    def _head_names(self):
+        """The weight map of this model's class (its head's names)."""
+        from ..sglang_models.weight_map import weight_map_for
+
+        return weight_map_for(self.config, self.head_spec.name)
+
+    def _resolve_spec(self, peft_config) -> AdapterSpec:
+        names = self._head_names()
+        head_modules = tuple(p[:-1] for p in names.head_prefixes) if self.head_spec.new_when_missing else ()
+        return resolve_adapter_spec(peft_config, self.config, self._max_lora_rank(), head_modules,
+                                    self.head_spec.name)
+
+    def _head_rows(self, spec: AdapterSpec):
+        """``(HF name, engine name)`` of every head tensor the adapter keeps its own copy of."""
+        names = self._head_names()
+        return [(names.to_hf_name(c), e) for c, e, _ in names.rows if c.split(".")[0] in spec.head_modules]
+
+    def _base_head_copy(self, spec: AdapterSpec) -> Dict[str, torch.Tensor]:
+        model = self.runtime.model  # heads are replicated: rank 0 holds them whole
+        return {e: model.get_parameter(e).detach().clone() for _, e in self._head_rows(spec)}
+
+    def _adapter_head_tensors(self, adapter: "LoadedAdapter") -> Dict[str, torch.Tensor]:
+        """PEFT-saved names (``base_model.model.classifier.dense.weight``) -> rank 0's tensors of the
+        adapter's own head (views: in-place changes are used by the next forward on every rank at
+        tp_size=1)."""
+        engine = self.runtime.adapter(adapter.lora_id)
+        return {f"base_model.model.{hf}": engine.head[e] for hf, e in self._head_rows(adapter.spec)}
 
     def _max_lora_rank(self) -> int:
         lora = self.runtime.config.lora
@@ -123,14 +153,14 @@ class SGLangAdapterMixin:
             raise ValueError(f"an adapter named {name!r} is already loaded; delete_adapter it first")
         self._max_lora_rank()
 
-    def _register(self, name, config, spec, weights, activate: bool = True) -> None:
+    def _register(self, name, config, spec, weights, activate: bool = True, head=None) -> None:
         done = False
         try:
             with self._adapter_lock(), deferred_interrupts():
                 self._check_new_name(name)
                 state = self._adapter_state()
                 before = (self._bridge_active, self._bridge_enabled)
-                engine = self.runtime.load_adapter(name, weights, spec.rank, spec.scaling)
+                engine = self.runtime.load_adapter(name, weights, spec.rank, spec.scaling, head or None)
                 try:
                     state[name] = LoadedAdapter(name, engine.lora_id, config, spec)
                     if activate:
@@ -225,23 +255,25 @@ class SGLangAdapterMixin:
                 "holds a shard. Use adapter_state_dict() for full copies."
             )
         engine = self.runtime.adapter(adapter.lora_id)
-        prefix = hf_prefix(self.config)
+        prefix = self._head_names().hf_prefix
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             a, b = engine.views[(layer, module)]
             out[engine_key_to_peft(layer, module, "A", prefix)] = a
             out[engine_key_to_peft(layer, module, "B", prefix)] = b
+        out.update(self._adapter_head_tensors(adapter))
         return out
 
     def adapter_state_dict(self, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """Full PEFT-named copies of an adapter's matrices (gathered across TP ranks)."""
         adapter = self._get_adapter(adapter_name)
         matrices = self.runtime.adapter_matrices(adapter.lora_id)
-        prefix = hf_prefix(self.config)
+        prefix = self._head_names().hf_prefix
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             for i, which in enumerate("AB"):
                 out[engine_key_to_peft(layer, module, which, prefix)] = matrices[(layer, module)][i]
+        out.update({k: v.detach().cpu().clone() for k, v in self._adapter_head_tensors(adapter).items()})
         return out
 
     def save_adapter(self, save_directory, adapter_name: Optional[str] = None) -> None:
@@ -317,11 +349,17 @@ def check_adapter_name(name) -> str:
     return name
 
 
-def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec):
-    """PEFT state dict -> engine ``{(layer, module): (A, B)}``; every tensor must be used."""
+def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec, names):
+    """PEFT state dict -> (engine ``{(layer, module): (A, B)}``, the adapter's own head as engine
+    names -> tensors); every tensor must be used, and a head named in modules_to_save be whole."""
     pairs: Dict[tuple, Dict[str, torch.Tensor]] = {}
-    unknown = []
+    unknown, head = [], {}
+    wanted = {names.to_hf_name(c): e for c, e, _ in names.rows if c.split(".")[0] in spec.head_modules}
     for key, tensor in state.items():
+        bare = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        if bare in wanted:
+            head[wanted[bare]] = tensor
+            continue
         try:
             layer, module, which = peft_key_to_engine(key)
         except KeyError:
@@ -333,6 +371,10 @@ def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec):
             f"adapter tensors the engine cannot place: {', '.join(sorted(unknown)[:5])}"
             + (" ..." if len(unknown) > 5 else "")
         )
+    lacking = sorted(hf for hf, e in wanted.items() if e not in head)
+    if lacking:
+        raise UnsupportedAdapterError(f"the adapter's config saves {', '.join(spec.head_modules)} (modules_to_save) "
+                                      f"but its files lack {', '.join(lacking)}")
     weights = {}
     for key, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -344,4 +386,4 @@ def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec):
     missing = sorted(spec.targets - set(weights))
     if missing:
         raise UnsupportedAdapterError(f"adapter config targets {missing[:4]} but the weights are missing")
-    return weights
+    return weights, head

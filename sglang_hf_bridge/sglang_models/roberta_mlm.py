@@ -268,13 +268,17 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
             layer.mlp.linear_gelu = linear_gelu
             layer.mlp.up_base = compat.lora_base_layer(layer.mlp.fc_in)
 
-    def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None):
-        """The head on the rows it reads: masked-LM logits, or pooler -> task head."""
+    def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None, head=None):
+        """The head on the rows it reads: masked-LM logits, or pooler -> task head. ``head``: an
+        adapter's own head tensors (engine names) to use instead of the model's."""
         if self.lm_head is not None:
             return self.lm_head(hidden, vocab_ids)
+        own = head or {}
         if self.pooler is not None:
-            hidden = self.pooler(hidden)
-        return hidden if self.head is None else self.head(hidden)
+            hidden = self.pooler(hidden, {k[len("pooler."):]: v for k, v in own.items() if k.startswith("pooler.")})
+        if self.head is None:
+            return hidden
+        return self.head(hidden, {k[len("head."):]: v for k, v in own.items() if k.startswith("head.")})
 
     def _build_layouts(self) -> EngineLayouts:
         """Every parameter's layout, from this rank's shapes, checked against SGLang's own

@@ -7,6 +7,8 @@ dropout is the identity in evaluation, so it has no module here.
 
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +21,10 @@ class Pooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(x))
+    def forward(self, x: torch.Tensor, own: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """``own``: an adapter's tensors (``dense.weight`` ...) in place of the module's."""
+        own = own or {}
+        return torch.tanh(F.linear(x, own.get("dense.weight", self.dense.weight), own.get("dense.bias", self.dense.bias)))
 
 
 class TaskHead(nn.Module):
@@ -32,7 +36,9 @@ class TaskHead(nn.Module):
         self.dense = nn.Linear(hidden_size, hidden_size) if dense else None
         self.output = nn.Linear(hidden_size, num_outputs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, own: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """``own``: an adapter's tensors (``dense.weight``, ``output.weight`` ...) in place of the module's."""
+        own = own or {}
         if self.dense is not None:
-            x = torch.tanh(self.dense(x))
-        return F.linear(x, self.output.weight, self.output.bias)
+            x = torch.tanh(F.linear(x, own.get("dense.weight", self.dense.weight), own.get("dense.bias", self.dense.bias)))
+        return F.linear(x, own.get("output.weight", self.output.weight), own.get("output.bias", self.output.bias))

@@ -151,6 +151,7 @@ def _peft_saved_name(name: str) -> str:
     """PEFT's in-model name -> the name its save_pretrained writes (what z is keyed on)."""
     import re
 
+    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)  # an adapter's own head: its saved name
     return re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", name)
 
 
@@ -209,7 +210,8 @@ class MeZOTrainer(Trainer):
                                      "choose one")
                 include, mode = (lambda n: base_layer_of(n) == HEAD), "all"  # noqa: E731
             if mode == "lora" and not engine:  # PEFT on transformers: the same PEFT names as the engine's
-                self._zo_target = TorchParametersTarget(base, include=lambda n: "lora_" in n, rename=_peft_saved_name)
+                self._zo_target = TorchParametersTarget(base, include=lambda n: "lora_" in n or "modules_to_save" in n,
+                                                        rename=_peft_saved_name)
             elif mode == "lora":
                 if not base.active_adapters():
                     raise ValueError("zo_trainable='lora' needs an active adapter (model.add_adapter / load_adapter)")

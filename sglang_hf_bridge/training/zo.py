@@ -61,15 +61,18 @@ class EngineAdapterTarget:
     lost against the weight, restoring is exact, and updates accumulate in float32."""
 
     def __init__(self, model, adapter_name: str):
-        from ..lora.names import engine_key_to_peft, hf_prefix
+        from ..lora.names import engine_key_to_peft
 
         self.model, self.adapter_name = model, adapter_name
         loaded = model.adapter_info(adapter_name)
         self.lora_id = loaded.lora_id
-        prefix = hf_prefix(model.config)
+        prefix = model._head_names().hf_prefix
         self.peft_names = {(l, m, w): engine_key_to_peft(l, m, w, prefix)
                            for (l, m) in loaded.spec.targets for w in "AB"}
+        # The adapter's own task head (modules_to_save) is trained with it, as PEFT trains it.
+        self.peft_names.update({("head", e): f"base_model.model.{hf}" for hf, e in model._head_rows(loaded.spec)})
         self.names = sorted(self.peft_names.values())
+        self.no_decay = [n for n in self.names if n.endswith(".bias")]  # the head's biases, as Trainer
         self.master: Optional[Dict[str, torch.Tensor]] = None
         if model.dtype != torch.float32:
             self.master = {n: t.float().clone() for n, t in model.adapter_state_dict(adapter_name).items()}
@@ -102,11 +105,12 @@ class EngineAdapterTarget:
     def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
         if self.master is None:
             self.model.runtime.collective_rpc(engine.rank_update_adapter, self.lora_id, self.peft_names, self.names,
-                                              seed, lr, projected_grad, weight_decay, [], restore)
+                                              seed, lr, projected_grad, weight_decay, self.no_decay, restore)
             return
         with torch.no_grad():
             for (name, t), z in zip(self.master.items(), self._z(seed).values()):
-                t.sub_(lr * (projected_grad * z + weight_decay * t) if weight_decay else lr * projected_grad * z)
+                decay = 0.0 if name in self.no_decay else weight_decay
+                t.sub_(lr * (projected_grad * z + decay * t) if decay else lr * projected_grad * z)
         self._write(self.lora_id, seed, 0.0)  # the perturbation, if any, ends here: exact restore
 
     def copy_into(self, other_adapter_name: str) -> str:
