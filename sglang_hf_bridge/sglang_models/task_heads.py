@@ -23,8 +23,7 @@ class Pooler(nn.Module):
 
     def forward(self, x: torch.Tensor, own: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """``own``: an adapter's tensors (``dense.weight`` ...) in place of the module's."""
-        own = own or {}
-        return torch.tanh(F.linear(x, own.get("dense.weight", self.dense.weight), own.get("dense.bias", self.dense.bias)))
+        return torch.tanh(_linear(x, self.dense, "dense", own or {}))
 
 
 class TaskHead(nn.Module):
@@ -40,5 +39,10 @@ class TaskHead(nn.Module):
         """``own``: an adapter's tensors (``dense.weight``, ``output.weight`` ...) in place of the module's."""
         own = own or {}
         if self.dense is not None:
-            x = torch.tanh(F.linear(x, own.get("dense.weight", self.dense.weight), own.get("dense.bias", self.dense.bias)))
-        return F.linear(x, own.get("output.weight", self.output.weight), own.get("output.bias", self.output.bias))
+            x = torch.tanh(_linear(x, self.dense, "dense", own))
+        return _linear(x, self.output, "output", own)
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear, name: str, own: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``layer`` on ``x``, with an adapter's ``{name}.weight`` / ``{name}.bias`` where it has them."""
+    return F.linear(x, own.get(f"{name}.weight", layer.weight), own.get(f"{name}.bias", layer.bias))
