@@ -24,7 +24,7 @@ real tokens only, plus the classifier head per sequence) over this host's honest
 (gemm_peak.honest_peak, best of start and end). Not measured: RSS of 8 per-row classifier
 adapters vs 8 merged models (per-row classifier heads are not implemented yet).
 
-    python benchmarks/bench_heads.py                      # 256 sentences, ~6 min on 2 cores
+    python benchmarks/bench_heads.py                      # 128 sentences, ~5 min on 2 idle cores
     python benchmarks/bench_heads.py --limit 32 --repeats 1   # smoke run
 """
 
@@ -295,7 +295,7 @@ def bench_embeddings(texts, repeats, threads, skipped):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=256, help="first N SST-2 train sentences (0 = all 1024)")
+    ap.add_argument("--limit", type=int, default=128, help="first N SST-2 train sentences (0 = all 1024)")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes per setting (median); one warm pass before")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="seq-cls batch sizes")
     ap.add_argument("--sections", nargs="+", default=["seq-cls", "embeddings"], choices=["seq-cls", "embeddings"])

@@ -208,6 +208,29 @@ def test_auto_classes_pick_the_family_class(regression_pair, tmp_path):
             assert cls.hf_model_class == config_cls.__name__.replace("Config", suffix)
 
 
+@pytest.mark.parametrize("family", ["xlm-roberta", "camembert"])
+def test_xlm_roberta_and_camembert_task_classes_match_transformers(family, tmp_path):
+    """The RoBERTa-family twins: each config class's task checkpoints load through the Auto classes
+    into the twin's class and answer as transformers' class does."""
+    prefix = {"xlm-roberta": "XLMRoberta", "camembert": "Camembert"}[family]
+    config = getattr(transformers, f"{prefix}Config")(**small_config("roberta", num_labels=3).to_diff_dict())
+    for suffix, auto in (("ForSequenceClassification", bridge.SGLangAutoModelForSequenceClassification),
+                         ("ForTokenClassification", bridge.SGLangAutoModelForTokenClassification)):
+        path = tmp_path / suffix
+        torch.manual_seed(4)
+        hf = getattr(transformers, f"{prefix}{suffix}")(config).eval()
+        hf.save_pretrained(path)
+        model = auto.from_pretrained(path, device="cpu")
+        try:
+            assert type(model).__name__ == f"SGLang{prefix}{suffix}"
+            enc = padded_batch("roberta")
+            with torch.no_grad():
+                ref = hf(**enc).logits
+            assert max_abs_diff(model(**enc).logits, ref) <= TOL
+        finally:
+            model.close()
+
+
 # ---------------------------------------------------------------------- a new head, as run_glue starts
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 def test_new_head_initialised_as_transformers_does(family, tmp_path):

@@ -62,7 +62,8 @@ def test_tp2_adapters_with_their_own_heads(tmp_path):
 
 @pytest.fixture(scope="module", params=[("bert", "ForSequenceClassification", {"num_labels": 3}),
                                         ("roberta", "ForTokenClassification", {"num_labels": 4}),
-                                        ("roberta", "Model", {})],
+                                        ("roberta", "Model", {}),
+                                        ("bert", "ForQuestionAnswering", {})],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def tp_task_pair(request, tmp_path_factory):
     family, suffix, overrides = request.param
@@ -81,10 +82,12 @@ def test_tp2_matches_transformers(tp_task_pair):
         with torch.no_grad():
             ref = hf(**enc, output_hidden_states=True)
         out = model(**enc, output_hidden_states=True)
-        name = "last_hidden_state" if suffix == "Model" else "logits"
+        name = {"Model": "last_hidden_state", "ForQuestionAnswering": "start_logits"}.get(suffix, "logits")
         assert max_abs_diff(getattr(out, name), getattr(ref, name)) <= TOL
         if suffix == "Model":
             assert max_abs_diff(out.pooler_output, ref.pooler_output) <= TOL
+        if suffix == "ForQuestionAnswering":
+            assert max_abs_diff(out.end_logits, ref.end_logits) <= TOL
         assert all(max_abs_diff(a, b) <= TOL for a, b in zip(out.hidden_states, ref.hidden_states))
     state = model.state_dict()
     assert all(max_abs_diff(state[k], v) == 0 for k, v in hf.state_dict().items() if k in state)
