@@ -109,7 +109,7 @@ def test_no_weight_files(tmp_path):
 def test_missing_tensor_is_reported_and_nothing_leaks(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from sglang_hf_bridge.sglang_models.roberta_mlm import SGLangBridgeRobertaForMaskedLM
+    from sglang_hf_bridge.sglang_models.encoder import SGLangBridgeEncoder
 
     build_checkpoint(tmp_path, "roberta")
     state = load_file(tmp_path / "model.safetensors")
@@ -124,7 +124,7 @@ def test_missing_tensor_is_reported_and_nothing_leaks(tmp_path, monkeypatch):
         raise OSError("disk read failed")
 
     with monkeypatch.context() as m:
-        m.setattr(SGLangBridgeRobertaForMaskedLM, "load_weights", fail)
+        m.setattr(SGLangBridgeEncoder, "load_weights", fail)
         with pytest.raises(OSError, match="disk read failed"):
             SGLangRobertaForMaskedLM.from_pretrained(tmp_path)
     with SGLangRobertaForMaskedLM.from_pretrained(tmp_path) as m:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from .. import compat
-from ..sglang_models.families import ENCODER_MLM_CLASS
+from ..sglang_models.families import ENCODER_CLASS
 from ..sglang_models.weight_map import LORA_BASE_MODULES
 
 DEFAULT_MAX_NUM_TOKENS = 8192
@@ -71,7 +71,7 @@ class EngineConfig:
     # in the checkpoint's own config.json never reach SGLang.
     hf_config: Dict[str, Any] = field(default_factory=dict)
     # ``module.qualname`` of the SGLang-side model class (imported by every rank when it starts).
-    model_class: str = ENCODER_MLM_CLASS
+    model_class: str = ENCODER_CLASS
     device: str = "cpu"
     dtype: str = "float32"
     tp_size: int = 1

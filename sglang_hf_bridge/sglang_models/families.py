@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Tuple
 
 from .weight_map import BERT, ROBERTA, WeightMap
 
-ENCODER_MLM_CLASS = "sglang_hf_bridge.sglang_models.roberta_mlm.SGLangBridgeRobertaForMaskedLM"
+ENCODER_CLASS = "sglang_hf_bridge.sglang_models.encoder.SGLangBridgeEncoder"
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Family:
     hf_classes: Mapping[str, str]
     weight_map: WeightMap
     absolute_position_ids: bool
-    sglang_model_class: str = ENCODER_MLM_CLASS
+    sglang_model_class: str = ENCODER_CLASS
     ties_by_default: bool = True
 
     @property

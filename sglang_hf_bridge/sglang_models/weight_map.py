@@ -4,7 +4,7 @@ parameter is split over tensor-parallel ranks, and which dimensions SGLang pads.
 SGLang import), the one source for the loader, the saver, MeZO's HF-named views, TP gathers and
 the LoRA side.
 
-Engine parameters are those of :mod:`sglang_hf_bridge.sglang_models.roberta_mlm`:
+Engine parameters are those of :mod:`sglang_hf_bridge.sglang_models.encoder`:
 ``layers.N.self_attn.qkv_proj`` (fused q/k/v), ``o_proj``, ``mlp.fc_in``, ``mlp.down_proj``...
 """
 

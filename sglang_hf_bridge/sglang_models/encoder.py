@@ -1,5 +1,6 @@
-"""SGLang-side RoBERTa masked-LM model (RoBERTa, XLM-RoBERTa, CamemBERT and BERT share it: the
-same post-LayerNorm encoder and head; each family has its own weight map).
+"""The SGLang-side encoder (RoBERTa, XLM-RoBERTa, CamemBERT and BERT share it: the same
+post-LayerNorm encoder; each family has its own weight map) with the head the engine config names
+(:mod:`.heads`: the masked-LM head, a task head, or the pooler alone).
 
 SGLang 0.5.23 ships no masked-LM head, and its stock BERT/RoBERTa modules are named
 ``encoder.layer.N.attention.self.query``, which its LoRA machinery cannot target. This file
@@ -195,7 +196,7 @@ class RobertaLayer(nn.Module):
         return x, query_only.moved_to(s)
 
 
-class SGLangBridgeRobertaForMaskedLM(nn.Module):
+class SGLangBridgeEncoder(nn.Module):
     """Encoder + the head the config names (:mod:`.heads`: masked LM by default; a task head --
     pooler, classification dense, output projection -- otherwise). ``forward`` returns the pass's
     hidden states (:class:`~.forward_context.PassOutputs`); the engine applies
@@ -338,4 +339,4 @@ class SGLangBridgeRobertaForMaskedLM(nn.Module):
         return names
 
 
-EntryClass = [SGLangBridgeRobertaForMaskedLM]
+EntryClass = [SGLangBridgeEncoder]
