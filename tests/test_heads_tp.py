@@ -1,4 +1,4 @@
-"""Task heads at tp_size=2: the heads are replicated on both ranks, the encoder split; answers,
+"""Every task class at tp_size=2: the heads are replicated on both ranks, the encoder split; answers,
 state dicts and a new head initialised at load equal transformers' (fp32 <= 1e-5)."""
 
 from __future__ import annotations
@@ -60,10 +60,9 @@ def test_tp2_adapters_with_their_own_heads(tmp_path):
         model.close()
 
 
-@pytest.fixture(scope="module", params=[("bert", "ForSequenceClassification", {"num_labels": 3}),
-                                        ("roberta", "ForTokenClassification", {"num_labels": 4}),
-                                        ("roberta", "Model", {}),
-                                        ("bert", "ForQuestionAnswering", {})],
+@pytest.fixture(scope="module", params=[(f, s, o) for f in ("roberta", "bert") for s, o in (
+    ("ForSequenceClassification", {"num_labels": 3}), ("ForTokenClassification", {"num_labels": 4}),
+    ("ForQuestionAnswering", {}), ("Model", {}))],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def tp_task_pair(request, tmp_path_factory):
     family, suffix, overrides = request.param
