@@ -7,15 +7,18 @@ PEFT SEQ_CLS adapters, r=8 on query+value with random B and a perturbed copy of 
 built once in the parent and cached beside the checkpoint in the temp dir. One batch of N x
 ``--rows-per-adapter`` SST-2 sentences (default 32), rows in adapter order. Each case runs in a
 fresh interpreter, measured as bench_memory.py measures (psutil RSS; ``call_peak_mib`` is VmHWM
-reset just before the call; ``peak_rss_mib`` the whole process's):
+reset just before the call; ``peak_rss_mib`` the whole process's, from VmHWM too: a child's
+ru_maxrss starts at the parent's RSS at fork, and this parent held models while building adapters):
 
 1. N merged transformers models -- base + one adapter, ``merge_and_unload()``, every parameter
    cloned to private memory: N separately saved checkpoints share no pages in real life (here they
    would share the base's safetensors mmap), so this is what N deployed models cost. Each model
    runs its own rows.
 2. PEFT, one model + N adapters -- ``PeftModel.from_pretrained`` + ``load_adapter``, one call with
-   ``adapter_names=`` (PEFT's mixed batch); if that raises, the error is recorded and N sequential
-   ``set_adapter`` calls on each adapter's rows are measured instead (labelled).
+   ``adapter_names=`` (PEFT's mixed batch); if that raises (peft 0.21: mixed batches refuse a
+   ``modules_to_save`` head that is not a single Linear), the error is recorded and N sequential
+   ``set_adapter`` calls on each adapter's rows are measured instead (labelled); the failed
+   attempt's peak is kept apart (``failed_mixed_call_peak_mib``).
 3. engine + N adapters per row -- SGLangRobertaForSequenceClassification(max_loras=N,
    max_lora_rank=8), one call with ``adapter_names=`` per row.
 
@@ -50,7 +53,7 @@ CASES = {
 }
 
 CHILD = r"""
-import gc, json, re, resource, sys, torch, psutil
+import gc, json, re, sys, torch, psutil
 sys.path.insert(0, {bench!r})
 from _common import TOKENIZER_DIR, read_sentences
 from transformers import AutoTokenizer
@@ -64,23 +67,9 @@ row_names = [names[i // rows_per] for i in range(n_rows)]
 rss = lambda: psutil.Process().memory_info().rss / 2**20
 out = {{}}
 
-def parts(when):
-    rollup = {{}}
-    for line in open("/proc/self/smaps_rollup"):
-        p = line.split()
-        if len(p) >= 3 and p[0].endswith(":") and p[2] == "kB":
-            rollup[p[0][:-1]] = int(p[1]) / 1024
-    out["anon_after_" + when + "_mib"] = rollup["Anonymous"]
-    out["file_after_" + when + "_mib"] = rollup["Rss"] - rollup["Anonymous"]
-
-def reset_peak():
-    # Resetting VmHWM resets the kernel's hiwater that ru_maxrss reads too: keep the peak so far.
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-def peak_since_reset():
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+from _memory_probe import parts as _parts, peak_since_reset, reset_peak as _reset_peak
+parts = lambda when: _parts(out, when)
+reset_peak = lambda: _reset_peak(out)
 
 def rows(i):
     return {{k: v[i * rows_per:(i + 1) * rows_per] for k, v in batch.items()}}
@@ -116,6 +105,23 @@ if case in ("merged", "peft"):
                 out["call"] = "mixed batch (adapter_names=)"
             except Exception as e:  # noqa: BLE001 -- recorded, then the sequential fallback
                 out["mixed_batch_error"] = f"{{type(e).__name__}}: {{e}}"
+                # PEFT leaves its adapter_names pre-forward hooks behind when the forward raises
+                # (no try/finally in _enable_peft_forward_hooks): remove them, or every later call
+                # gets the failed call's adapter_names.
+                from peft.tuners.lora.model import _adapter_names_pre_forward_hook as stale
+                removed = 0
+                for mod in model.modules():
+                    for key, hook in list(mod._forward_pre_hooks.items()):
+                        if getattr(hook, "func", None) is stale:
+                            del mod._forward_pre_hooks[key]
+                            mod._forward_pre_hooks_with_kwargs.pop(key, None)
+                            removed += 1
+                out["stale_peft_hooks_removed"] = removed
+                gc.collect()
+                # the failed attempt's peak is kept apart: the sequential path is measured on its own
+                out["failed_mixed_call_peak_mib"] = peak_since_reset()
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
                 parts_ = []
                 for i, name in enumerate(names):
                     model.set_adapter(name)
@@ -138,8 +144,7 @@ else:
 out["call_peak_mib"] = peak_since_reset()
 out["rss_after_call_mib"] = rss()
 parts("call")
-out["peak_rss_mib"] = max(out["peak_rss_mib"], out["call_peak_mib"],
-                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+out["peak_rss_mib"] = max(out["peak_rss_mib"], out["call_peak_mib"])
 out["child_processes"] = len(psutil.Process().children(recursive=True))
 torch.save(logits.detach().float().cpu(), logits_out)
 if case == "engine":
@@ -154,7 +159,8 @@ COLUMNS = ["case", *MEASURED, *RATIOS.values()]
 
 
 def build_adapters(ckpt: Path, n: int) -> list:
-    """N PEFT SEQ_CLS adapters on the checkpoint (r=8, query+value, random B, perturbed head), cached."""
+    """N PEFT SEQ_CLS adapters on the checkpoint (r=8, query+value, random B, the head perturbed by its
+    init scale: logits of a few units, as a trained classifier's), cached."""
     root = ckpt.parent
     dirs = [root / f"{ckpt.name}-seqcls-lora-r{RANK}-{i}" for i in range(n)]
     missing = [i for i, d in enumerate(dirs) if not (d / "adapter_model.safetensors").exists()]
@@ -171,7 +177,7 @@ def build_adapters(ckpt: Path, n: int) -> list:
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if "modules_to_save" in name:
-                        p.add_(torch.randn_like(p) * 0.5)
+                        p.add_(torch.randn_like(p) * hf.config.initializer_range)
             model.save_pretrained(dirs[i])
             del model
     return [str(d) for d in dirs]
@@ -187,7 +193,8 @@ def main() -> None:
     ckpt = classifier_checkpoint()
     dirs = build_adapters(ckpt, n)
     bench_dir = str(Path(__file__).resolve().parent)
-    work = Path(tempfile.mkdtemp(prefix="bench-adapter-heads-memory-"))
+    work_dir = tempfile.TemporaryDirectory(prefix="bench-adapter-heads-memory-")
+    work = Path(work_dir.name)
     rows, logits = [], {}
     for case, label in CASES.items():
         name = label.format(n=n)
@@ -209,6 +216,7 @@ def main() -> None:
     ref = logits["peft"]
     diffs = {f"{case}_vs_peft_max_abs_diff": (logits[case] - ref).abs().max().item() for case in ("engine", "merged")}
     diffs["engine_vs_merged_max_abs_diff"] = (logits["engine"] - logits["merged"]).abs().max().item()
+    diffs["max_abs_logit"] = ref.abs().max().item()
     for k, v in diffs.items():
         print(f"{k}: {v:.3e}")
     ok = diffs["engine_vs_peft_max_abs_diff"] <= 1e-5 and diffs["engine_vs_merged_max_abs_diff"] <= 1e-5

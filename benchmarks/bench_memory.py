@@ -16,8 +16,8 @@ another. Columns (MiB):
 * ``rss_after_call_mib`` / ``anon_after_call_mib`` / ``file_after_call_mib`` -- the same after the call.
 * ``call_peak_mib`` -- the process's peak RSS during the call alone (``VmHWM``, reset through
   ``/proc/self/clear_refs`` just before it): the call's scratch on top of the loaded model.
-* ``peak_rss_mib`` -- the whole process's peak (import, load and call): ``ru_maxrss`` read before
-  the reset (which resets it too), or the call's peak if higher.
+* ``peak_rss_mib`` -- the whole process's peak (import, load and call): ``VmHWM`` read before the
+  reset, or the call's peak if higher (not ``ru_maxrss``: a child's starts at its parent's RSS).
 * ``rss_after_trim_mib`` -- after the call and glibc's ``malloc_trim(0)``: what the allocator held
   without using it.
 
@@ -44,7 +44,7 @@ CASES = {
 }
 
 CHILD = r"""
-import ctypes, json, re, resource, sys, torch, psutil
+import ctypes, json, sys, torch, psutil
 sys.path.insert(0, {bench!r})
 from _common import TOKENIZER_DIR, prompts, roberta_base_checkpoint
 from transformers import AutoTokenizer
@@ -55,23 +55,9 @@ batch = tok(prompts(32), return_tensors="pt", padding=True)
 rss = lambda: psutil.Process().memory_info().rss / 2**20
 out = {{}}
 
-def parts(when):
-    rollup = {{}}
-    for line in open("/proc/self/smaps_rollup"):
-        p = line.split()
-        if len(p) >= 3 and p[0].endswith(":") and p[2] == "kB":
-            rollup[p[0][:-1]] = int(p[1]) / 1024
-    out["anon_after_" + when + "_mib"] = rollup["Anonymous"]
-    out["file_after_" + when + "_mib"] = rollup["Rss"] - rollup["Anonymous"]
-
-def reset_peak():
-    # Resetting VmHWM resets the kernel's hiwater that ru_maxrss reads too: keep the peak so far.
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-def peak_since_reset():
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+from _memory_probe import parts as _parts, peak_since_reset, reset_peak as _reset_peak
+parts = lambda when: _parts(out, when)
+reset_peak = lambda: _reset_peak(out)
 
 if case == "hf":
     from transformers import RobertaForMaskedLM
@@ -95,8 +81,7 @@ else:
 out["call_peak_mib"] = peak_since_reset()
 out["rss_after_call_mib"] = rss()
 parts("call")
-out["peak_rss_mib"] = max(out["peak_rss_mib"], out["call_peak_mib"],
-                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+out["peak_rss_mib"] = max(out["peak_rss_mib"], out["call_peak_mib"])
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 out["rss_after_trim_mib"] = rss()
 print(json.dumps(out))
