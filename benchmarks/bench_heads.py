@@ -24,7 +24,7 @@ real tokens only, plus the classifier head per sequence) over this host's honest
 (gemm_peak.honest_peak, best of start and end). Not measured: RSS of 8 per-row classifier
 adapters vs 8 merged models (per-row classifier heads are not implemented yet).
 
-    python benchmarks/bench_heads.py                      # 128 sentences, ~5 min on 2 idle cores
+    python benchmarks/bench_heads.py                      # 128 sentences, ~3.5 min on 2 idle cores
     python benchmarks/bench_heads.py --limit 32 --repeats 1   # smoke run
 """
 

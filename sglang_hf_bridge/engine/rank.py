@@ -286,19 +286,12 @@ def _query_only_tokens(seqs, starts, device, lora_groups) -> Optional[QueryOnlyT
     specs = [(i, q) for i, s in enumerate(seqs) for q in (s.query_only or [])]
     if not specs:
         return None
-    lmax = max(len(seqs[i].input_ids) for i, _ in specs)
-    key_index = torch.zeros((len(specs), lmax), dtype=torch.long)
-    key_mask = torch.zeros((len(specs), lmax), dtype=torch.bool)
-    for j, (i, _) in enumerate(specs):
-        n = len(seqs[i].input_ids)
-        key_index[j, :n] = torch.arange(starts[i], starts[i] + n)
-        key_mask[j, :n] = True
+    segments = [(len(s.query_only), st, len(s.input_ids)) for s, st in zip(seqs, starts) if s.query_only]
     return QueryOnlyTokens(
         input_ids=torch.tensor([q.input_id for _, q in specs], dtype=torch.long, device=device),
         position_ids=torch.tensor([q.position_id for _, q in specs], dtype=torch.long, device=device),
         token_type_ids=torch.tensor([q.token_type_id for _, q in specs], dtype=torch.long, device=device),
-        key_index=key_index.to(device),
-        key_mask=key_mask.to(device),
+        key_segments=segments,
         lora=lora_groups([seqs[i].lora_id for i, _ in specs], device),
     )
 

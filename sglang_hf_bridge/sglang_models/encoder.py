@@ -120,13 +120,17 @@ class RobertaSelfAttention(nn.Module):
     def _query_only_attention(self, query_only: QueryOnlyState, k, v):
         """Attention of padded positions: they query the real tokens of their row, nobody
         queries them (HF masks them as keys only)."""
-        key_index, key_mask = query_only.key_index, query_only.key_mask
         qkv = _query_only_linear(self.qkv_proj, query_only.states, query_only.lora, n_slices=3)
-        q = qkv[:, : self.q_size].view(-1, self.num_heads, 1, self.head_dim)
-        keys = k[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
-        values = v[key_index].view(*key_index.shape, self.num_heads, self.head_dim).transpose(1, 2)
-        mask = key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+        q = qkv[:, : self.q_size]
+        outs, first = [], 0
+        # Each sequence's query-only tokens attend to its real tokens: one SDPA per sequence, no
+        # gather of keys per query and no mask.
+        for count, start, length in query_only.key_segments:
+            qs, ks, vs = (t.view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+                          for t in (q[first:first + count], k[start:start + length], v[start:start + length]))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling).transpose(0, 1))
+            first += count
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         out = out.reshape(-1, self.q_size)
         return _query_only_linear(self.o_proj, out, query_only.lora)
 
@@ -245,7 +249,7 @@ class SGLangBridgeEncoder(nn.Module):
             q = p.query_only
             states = self.embeddings(q.input_ids, q.position_ids, q.token_type_ids) if start == 0 \
                 else p.query_only_initial
-            qo = QueryOnlyState(states, q.key_index, q.key_mask, q.lora)
+            qo = QueryOnlyState(states, q.key_segments, q.lora)
         collect = p.collect_hidden_states
         out = PassOutputs(hidden=x, hidden_states=[x] if collect else None,
                           query_only_hidden_states=[qo.states] if (qo is not None and collect) else None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -30,15 +30,15 @@ class QueryOnlyLoRA:
 class QueryOnlyTokens:
     """Tokens that attend to a sequence but are not attended to (HF's padded positions).
 
-    ``key_index[j]`` lists, for query-only token j, flat indices of the real tokens it attends
-    to (padded with 0 where ``key_mask`` is False).
+    ``key_segments``: per sequence with query-only tokens, in order, ``(count, key start, key
+    length)``: its next ``count`` query-only tokens attend to the pass's tokens
+    ``[key start, key start + key length)`` (the sequence's real tokens).
     """
 
     input_ids: torch.Tensor  # [P]
     position_ids: torch.Tensor  # [P]
     token_type_ids: torch.Tensor  # [P]
-    key_index: torch.Tensor  # [P, Lmax] long
-    key_mask: torch.Tensor  # [P, Lmax] bool
+    key_segments: List[Tuple[int, int, int]]
     lora: Optional[QueryOnlyLoRA] = None
 
 
@@ -47,8 +47,7 @@ class QueryOnlyState:
     """Query-only tokens on their way through the layers: their states and whom they attend to."""
 
     states: torch.Tensor  # [P, H]
-    key_index: torch.Tensor
-    key_mask: torch.Tensor
+    key_segments: List[Tuple[int, int, int]]
     lora: Optional[QueryOnlyLoRA] = None
 
     def moved_to(self, states: torch.Tensor) -> "QueryOnlyState":
