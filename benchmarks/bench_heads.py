@@ -16,13 +16,14 @@ same model. What, every path on the same inputs (SST-2 sentences, data/sst2/k-sh
                optimum, which pins transformers below this project's: pip would downgrade it),
                else its BertModel exported to ONNX here with ST's mean pooling + normalisation.
 
-A first pass (the answers' check) warms every path and shape; timed passes then run unit by unit
-(batch, or sentence at batch 1), path after path, ``--repeats`` times, median; latency_ms: median
+A first pass (the answers' check) warms every path and shape; timed passes then run path by path,
+each path's units (batches, or sentences at batch 1) in one block, the blocks' order rotated per
+repeat, ``--repeats`` times, median; latency_ms: median
 of one batch-1 call. Errors: max abs difference from transformers float32 (seq-cls logits) or
 sentence-transformers' torch embeddings. Fraction of peak: useful FLOPs (bench_runtimes.useful_flops,
 real tokens only, plus the classifier head per sequence) over this host's honest GEMM peak
-(gemm_peak.honest_peak, best of start and end). Not measured: RSS of 8 per-row classifier
-adapters vs 8 merged models (per-row classifier heads are not implemented yet).
+(gemm_peak.honest_peak, best of start and end). Memory of 8 per-row classifier adapters vs 8
+merged models: benchmarks/bench_adapter_heads_memory.py.
 
     python benchmarks/bench_heads.py                      # 128 sentences, ~3.5 min on 2 idle cores
     python benchmarks/bench_heads.py --limit 32 --repeats 1   # smoke run
@@ -47,8 +48,7 @@ from gemm_peak import honest_peak  # noqa: E402
 
 SST2_TRAIN = SST2_SPLITS / "512-42" / "train.tsv"
 OURS = "sglang_hf_bridge"
-NOT_MEASURED = ["memory: RSS of 8 per-row classifier adapters vs 8 merged models -- per-row classifier heads "
-                "are not implemented yet"]
+NOT_MEASURED = ["memory of 8 per-row classifier adapters vs 8 merged models: bench_adapter_heads_memory.py"]
 
 
 def classifier_checkpoint(seed: int = 0) -> Path:
@@ -130,22 +130,23 @@ def onnx_runtimes(onnx_path: Path, config, threads: int, skipped: list, what: st
 
 
 def timed(paths, units: int, repeats: int):
-    """``{name: (median seconds of a pass over all units, median seconds of one unit)}``: unit by
-    unit, path after path, the order rotated (a path's spinning threads slow the one after it; load
-    from other processes slows all alike)."""
+    """``{name: (median seconds of a pass over all units, median seconds of one unit)}``: each path
+    runs all its units in one block, the order of the blocks rotated per repeat, with a pause
+    between blocks. (Interleaving paths unit by unit let ONNX Runtime's spin-waiting threads take
+    the cores from whichever path ran next: at batch 1 that doubled the engine's time.)"""
     totals, calls = {p[0]: [] for p in paths}, {p[0]: [] for p in paths}
     for r in range(repeats):
-        seconds = dict.fromkeys(totals, 0.0)
-        for i in range(units):
-            k = (r * units + i) % len(paths)
-            for name, _, fn in paths[k:] + paths[:k]:
+        k = r % len(paths)
+        for name, _, fn in paths[k:] + paths[:k]:
+            time.sleep(0.2)  # let the previous path's worker threads park
+            block = 0.0
+            for i in range(units):
                 t0 = time.perf_counter()
                 fn(i)
                 dt = time.perf_counter() - t0
-                seconds[name] += dt
+                block += dt
                 calls[name].append(dt)
-        for name in totals:
-            totals[name].append(seconds[name])
+            totals[name].append(block)
     return {name: (statistics.median(totals[name]), statistics.median(calls[name])) for name in totals}
 
 
@@ -267,6 +268,12 @@ def bench_embeddings(texts, repeats, threads, skipped):
                                 "sglang-hf-bridge-bench-all-minilm-l6-v2-bertmodel")
         for name, note, run in onnx_runtimes(onnx_path, config, threads, skipped, "embeddings"):
             paths.append((f"{name} (exported BertModel + ST pooling)", note, manual_encoder(st, run)))
+    # The engine through the same tokenizer + pooling code as the exported models (encode's own
+    # per-call work left out, as it is for them): the like-for-like row against the runtimes.
+    engine = ours[0].model
+    paths.append((f"{OURS} SGLangBertModel (same tokenizer + ST pooling)", "enable_lora=False", manual_encoder(
+        st, lambda b: engine(input_ids=torch.as_tensor(b["input_ids"]),
+                             attention_mask=torch.as_tensor(b["attention_mask"])).last_hidden_state)))
     rows, checks = [], {}
     with torch.inference_mode():
         reference = torch.as_tensor(st.encode(texts, batch_size=32))
