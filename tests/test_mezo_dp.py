@@ -37,6 +37,9 @@ JOBS = {
     "lora4": ("lora", 4, 2, {}),
     "resume": ("lora", 4, 2, {}),
     "fault": ("lora", 3, 0, {}),
+    # a sequence classifier from its labels (a new head from the MLM checkpoint, the same on every
+    # rank: the script seeds before loading, as run_glue.py does), every weight
+    "cls": ("cls", 3, 3, {}),
 }
 DROPPED = {3, 13, 14, 15}  # positions in the global batch of 16 that "uneven" drops
 
@@ -62,6 +65,20 @@ class _IndexedCollator:
     def __call__(self, rows):
         rows = [r for j, r in enumerate(rows) if (self.offset + j) % GLOBAL_BATCH not in self.drop]
         batch = self.inner(rows)
+        batch["idx"] = torch.tensor([r["idx"] for r in rows])
+        return batch
+
+
+class _IndexedClassifierCollator:
+    """Sentences and labels padded as DataCollatorWithPadding pads them, plus the rows' indices."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        self.tokenizer, self.inner = tokenizer, DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, rows):
+        batch = self.inner([dict(self.tokenizer(r["sentence"]), labels=r["label"]) for r in rows])
         batch["idx"] = torch.tensor([r["idx"] for r in rows])
         return batch
 
@@ -105,13 +122,25 @@ def _run_job(job: str, a) -> None:
                 os._exit(3)
 
     args = make_args() if a.order == "args" else None  # the Trainer's world first, or the engine's
-    model = SGLangRobertaForMaskedLM.from_pretrained(a.ckpt, enable_lora=trained == "lora", tp_size=a.tp)
+    if trained == "cls":
+        from transformers import set_seed
+
+        from sglang_hf_bridge import SGLangRobertaForSequenceClassification
+
+        set_seed(SEED)
+        model = SGLangRobertaForSequenceClassification.from_pretrained(a.ckpt, num_labels=2, enable_lora=False,
+                                                                       tp_size=a.tp)
+    else:
+        model = SGLangRobertaForMaskedLM.from_pretrained(a.ckpt, enable_lora=trained == "lora", tp_size=a.tp)
     try:
         if trained == "lora":
             model.load_adapter(a.adapter, adapter_name="task")
         args = args or make_args()
-        clf = PromptClassifier(model, template.label_word_ids(tokenizer), tokenizer.mask_token_id)
-        collator = _IndexedCollator(tokenizer, template, DROPPED if job == "uneven" else (), rank, a.bs)
+        if trained == "cls":
+            clf, collator = model, _IndexedClassifierCollator(tokenizer)
+        else:
+            clf = PromptClassifier(model, template.label_word_ids(tokenizer), tokenizer.mask_token_id)
+            collator = _IndexedCollator(tokenizer, template, DROPPED if job == "uneven" else (), rank, a.bs)
         trainer = Recording(model=clf, args=args, train_dataset=_rows(), data_collator=collator, callbacks=[Fault()])
         resume = str(Path(a.out) / "lora4" / "checkpoint-2") if job == "resume" else None
         trainer.train(resume_from_checkpoint=resume)
@@ -262,7 +291,7 @@ def setup(tmp_path_factory):
 def runs(setup, tmp_path_factory):
     """One torchrun launch (2 x 8) and one single process (1 x 16), same jobs."""
     ckpt, adapter = setup
-    jobs = "full,lora,uneven,lora4,resume"
+    jobs = "full,lora,uneven,lora4,resume,cls"
     dp, ref = tmp_path_factory.mktemp("dp"), tmp_path_factory.mktemp("ref")
     rc, output, seconds = _launch(dp, ckpt, adapter, jobs, nproc=2)
     assert rc == 0, output[-6000:]
@@ -424,12 +453,13 @@ def test_each_rank_gets_its_shard_of_every_global_batch(runs):
         assert [len(b) for b in r0] == [8, 8, 8] and [a + b for a, b in zip(r0, r1)] == ref
 
 
-@pytest.mark.parametrize("job, checkpoint", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
+@pytest.mark.parametrize("job, checkpoint", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors"),
+                                             ("cls", "model.safetensors")])
 def test_two_processes_match_one_process_on_the_same_examples(runs, setup, job, checkpoint):
     dp = _tensors(runs.dp / job / "checkpoint-3" / checkpoint)
     ref = _tensors(runs.ref / job / "checkpoint-3" / checkpoint)
     assert _max_diff(dp, ref) <= 1e-6
-    if job == "full":  # and training moved the weights
+    if job in ("full", "cls"):  # and training moved the weights
         start = _tensors(Path(setup[0]) / "model.safetensors")
         assert max(float((dp[k] - start[k]).abs().max()) for k in dp if k in start) > 1e-4
     ours, theirs = (_record(runs.dp, job, r) for r in (0, 1))
