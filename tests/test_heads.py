@@ -269,3 +269,28 @@ def test_missing_encoder_tensors_stay_an_error(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="encoder.layer.1.output.dense.weight"):
         bridge.SGLangRobertaForSequenceClassification.from_pretrained(tmp_path, device="cpu")
+
+
+def test_ignore_mismatched_sizes_gives_a_new_head_as_transformers(tmp_path):
+    """A classifier fine-tuned for 3 labels, loaded for 5 with ignore_mismatched_sizes=True (how
+    run_glue.py moves an MNLI checkpoint to another task): the mismatched head tensors are
+    re-initialised with transformers' draws, reported in mismatched_keys; without the keyword the
+    load is refused naming the way out. Task classes expose num_labels."""
+    build_task_checkpoint(tmp_path, "roberta", "ForSequenceClassification", num_labels=3)
+    with pytest.raises(CheckpointError, match="ignore_mismatched_sizes=True"):
+        bridge.SGLangRobertaForSequenceClassification.from_pretrained(tmp_path, num_labels=5, device="cpu")
+    torch.manual_seed(9)
+    ref, ref_info = transformers.RobertaForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    torch.manual_seed(9)
+    model, info = bridge.SGLangRobertaForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True, device="cpu")
+    try:
+        ref_mismatched = {k if isinstance(k, str) else k[0] for k in ref_info["mismatched_keys"]}
+        assert info["mismatched_keys"] == ref_mismatched == {"classifier.out_proj.weight", "classifier.out_proj.bias"}
+        assert info["unexpected_keys"] == set(ref_info["unexpected_keys"])
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in ref.state_dict().items() if k in state)
+        assert model.num_labels == ref.num_labels == 5
+    finally:
+        model.close()

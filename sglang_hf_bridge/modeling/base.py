@@ -232,9 +232,10 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         (its sizes must match the checkpoint's), the Hub look-up (``cache_dir``, ``revision``,
         ``subfolder``, ``token``, ``local_files_only``, ``force_download``, ``proxies``),
         ``use_safetensors``, ``output_loading_info`` (returns ``(model, info)`` with transformers'
-        missing/unexpected/mismatched keys), and config attributes (``output_hidden_states=True``
-        ...); ignored (logged at DEBUG) -- torch placement options, ``ignore_mismatched_sizes`` (a
-        size that disagrees with the config is refused, never re-initialised); refused with
+        missing/unexpected/mismatched keys), ``ignore_mismatched_sizes`` (for a task head only:
+        a head fine-tuned for another ``num_labels`` is re-initialised, as in transformers), and config
+        attributes (``output_hidden_states=True`` ...); ignored (logged at DEBUG) -- torch placement
+        options; refused with
         :class:`UnsupportedLoadOptionError` -- ``from_tf``,
         ``from_flax``, ``trust_remote_code=True`` (no checkpoint code ever runs),
         ``quantization_config``, ``state_dict``, a multi-device ``device_map``... Anything else
@@ -253,7 +254,8 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         config = effective_config(cls._read_config(files), options.get("config"), kwargs)
         cls._check_family(config, files.directory)
         plan = plan_checkpoint_load(cls.hf_model_class, files, config, source=os.fspath(pretrained_model_name_or_path),
-                                    head=cls.head_spec)
+                                    head=cls.head_spec,
+                                    ignore_mismatched_sizes=bool(options.get("ignore_mismatched_sizes")))
         sglang_options = engine_options(kwargs)
         torch_dtype, torch_device = _resolve_dtype(dtype, config), _resolve_device(device)
         if torch_device.type == "cuda" and (torch_device.index or 0) != 0:

@@ -40,6 +40,11 @@ class SGLangEncoderTask(SGLangPreTrainedModel):
     """Base of the task classes (sequence/token classification, question answering, base model).
     Inference-only as the masked LM: outputs carry no autograd graph."""
 
+    @property
+    def num_labels(self) -> int:
+        """``config.num_labels``, as transformers' task classes expose it."""
+        return self.config.num_labels
+
     def _check_forward_keywords(self, inputs_embeds, output_attentions, kwargs) -> None:
         if inputs_embeds is not None:
             raise InputValidationError("inputs_embeds is not supported: pass input_ids")

@@ -39,19 +39,20 @@ logger = logging.getLogger(__name__)
 # HONOUR: used by SGLangPreTrainedModel.from_pretrained (the Hub look-up options through
 # :mod:`sglang_hf_bridge.hub`). IGNORE: accepted and logged at DEBUG -- obsolete download options,
 # torch-side loading/placement knobs (the engine loads and places its weights itself).
-# ``ignore_mismatched_sizes`` is ignored too: a tensor whose size disagrees with the config is
-# refused (:mod:`.load_plan`), so no weight is ever re-initialised. A ``(accepted, why)``
+# ``ignore_mismatched_sizes`` is honoured for a task head only (a checkpoint fine-tuned for another
+# number of labels gets a new head, as in transformers); any other size that disagrees with the
+# config is refused (:mod:`.load_plan`). A ``(accepted, why)``
 # pair: refused with ``why`` unless the value is None or one of ``accepted`` (their defaults).
 HONOUR, IGNORE = "honour", "ignore"
 TRANSFORMERS_LOAD_KEYWORDS: Dict[str, Any] = {
     "config": HONOUR, "torch_dtype": HONOUR, "device_map": HONOUR, "subfolder": HONOUR,
-    "output_loading_info": HONOUR, "use_safetensors": HONOUR,
+    "output_loading_info": HONOUR, "use_safetensors": HONOUR, "ignore_mismatched_sizes": HONOUR,
     **dict.fromkeys(HUB_OPTIONS, HONOUR),
     **dict.fromkeys((
         "resume_download", "mirror", "_commit_hash", "_from_auto", "_from_pipeline",
         "low_cpu_mem_usage", "_fast_init", "attn_implementation", "max_memory", "offload_folder",
         "offload_state_dict", "offload_buffers", "disable_mmap", "use_kernels", "kernel_config",
-        "allow_all_kernels", "fusion_config", "tqdm_class", "generation_config", "ignore_mismatched_sizes",
+        "allow_all_kernels", "fusion_config", "tqdm_class", "generation_config",
     ), IGNORE),
     "from_tf": ((False,), "TensorFlow weights cannot be read: convert them with transformers "
                           "(RobertaForMaskedLM.from_pretrained(path, from_tf=True).save_pretrained(dir))"),
@@ -340,8 +341,11 @@ class HFSurfaceMixin:
                 f"the device at load time: from_pretrained(path, device={str(device)!r})")
         if dtype is not None and dtype != self.dtype:
             raise UnsupportedOperationError(
-                f"cannot cast {type(self).__name__} to {dtype}: its SGLang engine runs in {self.dtype}. Choose the "
-                f"dtype at load time: from_pretrained(path, dtype={dtype})")
+                f"cannot cast {type(self).__name__} to {dtype}: its SGLang engine runs in {self.dtype}. "
+                + (f"Choose the dtype at load time: from_pretrained(path, dtype={dtype})"
+                   if dtype in (torch.float32, torch.float16, torch.bfloat16)
+                   else "The engine runs float32, float16 or bfloat16, chosen at load time: "
+                   "from_pretrained(path, dtype=torch.bfloat16 ...)"))
         return self
 
     def cuda(self, device=None):

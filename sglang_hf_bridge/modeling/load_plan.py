@@ -14,6 +14,7 @@ layer would give wrong answers.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Tuple
 
@@ -26,6 +27,8 @@ from ..sglang_models.heads import MASKED_LM, Head, task_head_rows
 from ..sglang_models.weight_map import weight_map_for
 
 logger = logging.getLogger(__name__)
+# Old checkpoints' position-id buffers: transformers leaves them out of unexpected_keys.
+_IGNORED_UNEXPECTED = re.compile(r"(^|\.)position_ids$")
 
 # Config fields that size the tensors, named in a size-mismatch error (first match wins).
 SIZE_FIELDS = ("hidden_size", "vocab_size", "intermediate_size", "max_position_embeddings", "type_vocab_size")
@@ -101,7 +104,7 @@ def new_head_tensors(model, missing) -> Dict[str, torch.Tensor]:
 
 
 def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, source: str,
-                         head: Head = MASKED_LM) -> LoadPlan:
+                         head: Head = MASKED_LM, ignore_mismatched_sizes: bool = False) -> LoadPlan:
     """Check the checkpoint's tensors against transformers' ``hf_class_name`` built from ``config``
     and decide what the engine loads. ``source`` names the checkpoint in messages and logs. A task
     ``head`` the checkpoint lacks is initialised as transformers initialises it (reported in
@@ -113,22 +116,26 @@ def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, sou
     tied = _tied_targets(model, config)
     present = {names.hf_key(name): name for name in shapes}  # HF spelling -> the file's spelling
 
+    head_names = {names.to_hf_name(c) for c, _, _ in task_head_rows(head.shape(names.family))} \
+        if head.new_when_missing else set()
     if not head.new_when_missing and not any(k.startswith(names.head_prefix) for k in present):
         raise CheckpointError(f"{source!r} has no {names.head_prefix}* tensors: it is an encoder without a "
                               "masked-LM head" + (NEUTRAL_HEAD_HINT if config.model_type == "bert" else ""))
-    mismatched = []
+    mismatched, resized = [], set()
     for key, name in present.items():
-        if key in expected and shapes[name] != expected[key]:
+        if key in expected and shapes[name] != expected[key] and ignore_mismatched_sizes and key in head_names:
+            resized.add(key)  # a head fine-tuned for another num_labels: a new one, as transformers
+        elif key in expected and shapes[name] != expected[key]:
             mismatched.append(f"{name!r}: shape {list(shapes[name])} in the checkpoint, {list(expected[key])} for "
                               f"the config ({_size_field(config, key, shapes[name], expected[key])})")
     if mismatched:
         raise CheckpointError(
             f"{source!r}: tensor sizes disagree with its config.json ({len(mismatched)} tensor(s)): "
             + "; ".join(mismatched[:4]) + (" ..." if len(mismatched) > 4 else "")
-            + ". Fix config.json to match the weights (transformers refuses this checkpoint too)")
+            + ". Fix config.json (or the keywords given to from_pretrained) to match the weights (transformers refuses "
+            "this checkpoint too" + ("; for a task head, ignore_mismatched_sizes=True gives a new one" if head_names
+                                     else "") + ")")
     missing = sorted(k for k in expected if k not in present and tied.get(k) not in present)
-    head_names = {names.to_hf_name(c) for c, _, _ in task_head_rows(head.shape(names.family))} \
-        if head.new_when_missing else set()
     new = [k for k in missing if k in head_names]
     missing = [k for k in missing if k not in head_names]
     if missing:
@@ -136,15 +143,21 @@ def plan_checkpoint_load(hf_class_name: str, files: CheckpointFiles, config, sou
             f"{source!r} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:6])}"
             + (" ..." if len(missing) > 6 else "")
             + ". transformers would initialise them randomly (wrong answers); the bridge refuses")
-    unexpected = {k for k in present if k not in expected}
+    unexpected = {k for k in present if k not in expected and not _IGNORED_UNEXPECTED.search(k)}
+    skip = {present[k] for k in present if k not in expected} | {present[k] for k in resized}
     if unexpected:
         logger.warning("Some weights of the checkpoint at %s were not used when initializing %s: %s\n- This IS "
                        "expected when the checkpoint was trained with other heads or a larger model (a pooler, "
                        "the next-sentence head, extra task heads).", source, hf_class_name, sorted(unexpected))
-    new_tensors = new_head_tensors(model, new) if new else {}
+    new_tensors = new_head_tensors(model, set(new) | resized) if (new or resized) else {}
+    if resized:
+        logger.warning("Some weights of %s were not initialized from the model checkpoint at %s and are newly "
+                       "initialized because the shapes did not match: %s", hf_class_name, source, sorted(resized))
     if new:
         logger.warning("Some weights of %s were not initialized from the model checkpoint at %s and are newly "
                        "initialized: %s\nYou should probably TRAIN this model on a down-stream task to be able to "
                        "use it for predictions and inference.", hf_class_name, source, new)
-    info = {"missing_keys": set(new), "unexpected_keys": unexpected, "mismatched_keys": set(), "error_msgs": []}
-    return LoadPlan(frozenset(present[k] for k in unexpected), info, new_tensors)
+    # transformers reports the file's own spelling, without the position-id buffers old files carry
+    info = {"missing_keys": set(new), "unexpected_keys": {present[k] for k in unexpected},
+            "mismatched_keys": set(resized), "error_msgs": []}
+    return LoadPlan(frozenset(skip), info, new_tensors)
