@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -99,12 +100,18 @@ def init_parallel_runtime_once(bootstrap, server_args, device: str, port: int, t
         rendezvous = _rendezvous_by_port.pop(port, None)
         if rendezvous is None:
             rendezvous = private_rendezvous() if tp_size == 1 else Rendezvous()
+        # torch's init_process_group wraps sys.excepthook to prefix every later traceback with
+        # "[rank0]: " -- and wraps it again on each start, for the life of the process. The engine's
+        # rank 0 is the user's own process: its tracebacks stay the user's (workers report theirs).
+        hook = sys.excepthook
         try:
             with rendezvous.applied():
                 bootstrap.init_parallel_runtime(server_args=server_args, device=device, dist_port=port)
         except BaseException:
             rendezvous.discard()
             raise
+        finally:
+            sys.excepthook = hook
         _parallel_users["key"] = (device, tp_size)
         _parallel_users["rendezvous"] = rendezvous
     _parallel_users["count"] += 1

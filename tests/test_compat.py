@@ -366,3 +366,20 @@ def test_collective_failure_is_decided_by_type_and_origin_not_by_message():
         assert not compat.is_collective_failure(e)
     assert compat.is_collective_failure(dist.DistBackendError("x"))
     assert not compat.is_collective_failure(ValueError("nccl"))
+
+
+def test_engine_starts_leave_the_users_excepthook_alone(tmp_path):
+    """torch's init_process_group (called by SGLang's parallel runtime) wraps sys.excepthook to
+    prefix tracebacks with "[rank0]: ", once more on every start; the user's process keeps its own."""
+    import sys
+
+    from conftest import build_checkpoint
+
+    from sglang_hf_bridge import SGLangRobertaForMaskedLM
+
+    build_checkpoint(tmp_path, "roberta", vocab_size=100)
+    SGLangRobertaForMaskedLM.from_pretrained(tmp_path, device="cpu", enable_lora=False).close()
+    before = sys.excepthook  # after the first start: importing SGLang may install its own hook once
+    for _ in range(2):
+        SGLangRobertaForMaskedLM.from_pretrained(tmp_path, device="cpu", enable_lora=False).close()
+    assert sys.excepthook is before
