@@ -38,7 +38,5 @@ class SGLangEncoderModel(SGLangEncoderTask):
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, adapter_names, hidden,
                            last_hidden=True)
         last, pooled = self._guard(out.last_hidden), self._guard(out.head)
-        if not self._return_dict(return_dict):
-            return (last, pooled) + ((out.hidden_states,) if out.hidden_states is not None else ())
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled,
-                                                            hidden_states=out.hidden_states)
+        return self._shaped(BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=last, pooler_output=pooled, hidden_states=out.hidden_states), return_dict)

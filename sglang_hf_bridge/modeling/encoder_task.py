@@ -57,8 +57,11 @@ class SGLangEncoderTask(SGLangPreTrainedModel):
     def _wants_hidden_states(self, output_hidden_states: Optional[bool]) -> bool:
         return bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
 
-    def _return_dict(self, return_dict: Optional[bool]) -> bool:
-        return self.config.return_dict if return_dict is None else return_dict
+    def _shaped(self, output, return_dict: Optional[bool]):
+        """transformers' output class, or with ``return_dict=False`` its tuple (None fields left
+        out, as transformers' ``to_tuple`` leaves them)."""
+        wanted = self.config.return_dict if return_dict is None else return_dict
+        return output if wanted else output.to_tuple()
 
     def _head_width(self) -> int:
         return self.head_spec.num_outputs(self.config) or self.config.hidden_size

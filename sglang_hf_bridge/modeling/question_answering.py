@@ -46,11 +46,8 @@ class SGLangQuestionAnswering(SGLangEncoderTask):
         if start_positions is not None and end_positions is not None:
             loss = self._guard(span_loss(start_logits, end_logits, start_positions, end_positions))
         start_logits, end_logits = self._guard(start_logits), self._guard(end_logits)
-        if not self._return_dict(return_dict):
-            result = (start_logits, end_logits) + ((out.hidden_states,) if out.hidden_states is not None else ())
-            return ((loss,) + result) if loss is not None else result
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                                            hidden_states=out.hidden_states)
+        return self._shaped(QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                                         hidden_states=out.hidden_states), return_dict)
 
 
 def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:

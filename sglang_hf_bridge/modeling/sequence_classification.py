@@ -43,10 +43,8 @@ class SGLangSequenceClassification(SGLangEncoderTask):
         logits = out.head
         loss = None if labels is None else self._guard(sequence_classification_loss(self.config, logits, labels))
         logits = self._guard(logits)
-        if not self._return_dict(return_dict):
-            result = (logits,) + ((out.hidden_states,) if out.hidden_states is not None else ())
-            return ((loss,) + result) if loss is not None else result
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return self._shaped(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states),
+                            return_dict)
 
 
 def sequence_classification_loss(config, logits: torch.Tensor, labels) -> torch.Tensor:

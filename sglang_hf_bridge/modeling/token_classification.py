@@ -44,7 +44,5 @@ class SGLangTokenClassification(SGLangEncoderTask):
             labels = validate_labels(labels, logits.shape[:2], num_labels)
             loss = self._guard(F.cross_entropy(logits.view(-1, num_labels), labels.view(-1)))
         logits = self._guard(logits)
-        if not self._return_dict(return_dict):
-            result = (logits,) + ((out.hidden_states,) if out.hidden_states is not None else ())
-            return ((loss,) + result) if loss is not None else result
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return self._shaped(TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states),
+                            return_dict)
