@@ -39,6 +39,11 @@ _LAZY = {
     "SGLangAutoModelForTokenClassification": ".modeling.auto",
     "SGLangAutoModelForQuestionAnswering": ".modeling.auto",
     "SGLangAutoModel": ".modeling.auto",
+    "SGLangModernBertForMaskedLM": ".modeling.modernbert",
+    "SGLangModernBertForSequenceClassification": ".modeling.modernbert",
+    "SGLangModernBertForTokenClassification": ".modeling.modernbert",
+    "SGLangModernBertForQuestionAnswering": ".modeling.modernbert",
+    "SGLangModernBertModel": ".modeling.modernbert",
 }
 
 __all__ = [*_LAZY, *_errors.__all__]

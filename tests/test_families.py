@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import transformers
-from transformers import BertConfig, RobertaConfig, XLMRobertaConfig
+from transformers import BertConfig, ModernBertConfig, RobertaConfig, XLMRobertaConfig
 
 from sglang_hf_bridge import (
     SGLangAutoModelForMaskedLM,
@@ -19,6 +19,7 @@ from sglang_hf_bridge.sglang_models.families import (
     BERT_FAMILY,
     FAMILIES,
     HEAD_PREFIXES,
+    MODERNBERT_FAMILY,
     ROBERTA_FAMILY,
     family_for,
     ties_word_embeddings,
@@ -54,6 +55,7 @@ def test_face_classes_read_their_family():
     (RobertaConfig(max_position_embeddings=514, pad_token_id=1), ROBERTA_FAMILY, 512),
     (XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1), ROBERTA_FAMILY, 512),
     (BertConfig(max_position_embeddings=512, pad_token_id=0), BERT_FAMILY, 512),
+    (ModernBertConfig(max_position_embeddings=8192, pad_token_id=50283), MODERNBERT_FAMILY, 8192),
 ])
 def test_position_rule_and_tying(config, family, max_len):
     assert family_for(config) is family and family_for(config.model_type) is family
@@ -67,7 +69,7 @@ def test_position_rule_and_tying(config, family, max_len):
 def test_unsupported_model_type_and_head_prefixes():
     with pytest.raises(KeyError):
         family_for("gpt2")
-    assert HEAD_PREFIXES == ("lm_head.", "cls.predictions.")
+    assert HEAD_PREFIXES == ("lm_head.", "cls.predictions.", "head.")
     from sglang_hf_bridge.engine.versions import HEAD, base_layer_of
 
     assert base_layer_of("cls.predictions.transform.dense.weight") == HEAD

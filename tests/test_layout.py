@@ -21,7 +21,7 @@ from sglang_hf_bridge.sglang_models.layout import (
     padded_vocab_size,
     tp_size_problems,
 )
-from sglang_hf_bridge.sglang_models.weight_map import LORA_TARGETS, ROBERTA
+from sglang_hf_bridge.sglang_models.weight_map import LORA_MODULES, LORA_TARGETS, MODERNBERT, ROBERTA
 
 H, FFN, VOCAB, HEADS = 8, 40, 100, 4  # FFN and VOCAB are padded on CPU at every tp size below
 
@@ -133,7 +133,7 @@ def test_padding_counts_at_tp_4():
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("module", sorted(LORA_TARGETS))
+@pytest.mark.parametrize("module", sorted(LORA_MODULES))
 def test_lora_layouts_split_as_the_base_layer(tp, module):
     """Column-parallel targets split B's rows, row-parallel ones A's columns; FFN matrices are
     padded like the FFN, and the other matrix is replicated."""
@@ -180,11 +180,14 @@ def test_module_dims_and_targets_declared_once():
     assert module_dims(cfg, "fc_in") == (8, 20) and module_dims(cfg, "down_proj") == (20, 8)
     for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert module_dims(cfg, m) == (8, 8)
-    # every LoRA target adapts a parameter the weight map fills from the HF module it names
-    for module, target in LORA_TARGETS.items():
-        names = dict(ROBERTA.engine_to_checkpoint_names(target.engine_weight(3)))
-        assert f"encoder.layer.3.{target.hf_module}.weight" in names
-        assert names[f"encoder.layer.3.{target.hf_module}.weight"] == target.part
+    # every family's LoRA target adapts a parameter the weight map fills from the HF module it names
+    for names in (ROBERTA, MODERNBERT):
+        for module, hf_module in names.lora_modules:
+            target = LORA_TARGETS[module]
+            rows = dict(names.engine_to_checkpoint_names(target.engine_weight(3)))
+            assert rows[f"{names.layer_prefix}.3.{hf_module}.weight"] == target.part
+    # ModernBERT's fused targets cover every part: Wqkv [3H, H], Wi [2I, H]
+    assert module_dims(cfg, "qkv_proj") == (8, 24) and module_dims(cfg, "gate_up_proj") == (8, 40)
 
 
 def test_replicated_layout_is_identity():

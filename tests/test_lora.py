@@ -143,6 +143,23 @@ def test_add_adapter_initialised_as_peft(base, tmp_path):
         model.delete_adapter("fresh")
 
 
+def test_add_adapter_with_the_same_seed_gives_peft_tensors(base):
+    """add_adapter draws as PEFT draws (module order, nn.Linear's own draws, then the reset): the
+    same seed gives bit-identical matrices."""
+    _, hf, model = base
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"])
+    torch.manual_seed(11)
+    theirs = {k.replace(".default", ""): v for k, v in get_peft_model(copy.deepcopy(hf), config).state_dict().items()
+              if "lora_" in k}
+    torch.manual_seed(11)
+    model.add_adapter(config, adapter_name="seeded")
+    try:
+        ours = model.adapter_tensors("seeded")
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    finally:
+        model.delete_adapter("seeded")
+
+
 def test_in_place_change_is_seen_by_next_forward(base, tmp_path):
     _, hf, model = base
     peft_model = make_adapter(hf, tmp_path, 6, r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"])

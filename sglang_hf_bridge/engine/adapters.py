@@ -16,7 +16,7 @@ import torch
 from .. import compat
 from ..errors import AdapterError, AdapterRankError
 from ..sglang_models.layout import lora_layout, module_dims
-from ..sglang_models.weight_map import FUSED_QKV_TARGETS, LORA_TARGETS
+from ..sglang_models.weight_map import ALL_PARTS, FUSED_QKV_TARGETS, LORA_TARGETS
 
 AdapterKey = Tuple[int, str]  # (layer, engine module)
 AdapterWeights = Mapping[AdapterKey, Tuple[torch.Tensor, torch.Tensor]]  # (A [r, in], B [out, r])
@@ -44,6 +44,15 @@ class EngineAdapter:
     @property
     def layers(self) -> FrozenSet[int]:
         return frozenset(layer for layer, _ in self.keys)
+
+    def matrices(self, key: AdapterKey) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``(A, B)`` of one target as PEFT shapes them (views where possible): a fused
+        target's A is its first part's copy, its B the parts' real rows stacked (a copy when SGLang
+        pads between them)."""
+        a, b = self.views[key]
+        if not LORA_TARGETS[key[1]].fused:
+            return a, b
+        return a[0], b.reshape(-1, b.shape[-1])
 
 
 def validate_adapter(config, weights: AdapterWeights, rank: int) -> None:
@@ -166,6 +175,12 @@ class AdapterPool:
         for layer, module in adapter.keys:
             target = LORA_TARGETS[module]
             a_buf, b_buf = A_buffer[target.base][layer], B_buffer[target.base][layer]
+            if target.fused:  # every part's copy of the shared A as [parts, r, in]; B as [parts, rows, r]
+                parts = len(layouts[target.engine_weight(layer)].parts)
+                a = a_buf[slot, : parts * r, :].unflatten(0, (parts, r))
+                b = b_buf[slot, :, :r]
+                adapter.views[(layer, module)] = (a, lora_layout(layouts, layer, module, "B").local(b, rank, ALL_PARTS))
+                continue
             index = target.slice_index
             out = b_buf.shape[1] // (len(FUSED_QKV_TARGETS) if target.part else 1)
             a = a_buf[slot, index * r : (index + 1) * r, :]

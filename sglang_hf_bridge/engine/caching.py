@@ -20,7 +20,7 @@ from .. import compat
 from .frozen_cache import FrozenLayerIndex, sequence_identity
 from .result_cache import ResultCache
 from .types import EncoderCall, EncoderResult, FrozenPlan, SequenceResult
-from .versions import WeightVersions
+from .versions import WeightVersions, engine_layer_of
 
 Run = Callable[[EncoderCall], EncoderResult]
 
@@ -85,13 +85,30 @@ class EngineCaches:
         return lora_id, self.versions.adapter_version(lora_id, counters)
 
     def weights_version(self) -> int:
-        """One number that moves on every change: the clock plus the LoRA pool buffers' in-place
-        version counters (both only ever grow)."""
+        """One number that moves on every change: the clock plus the LoRA pool buffers' and the
+        engine parameters' in-place version counters (all only ever grow)."""
         with self.front.lock:
-            return self.versions.clock + self.front.adapters.buffer_version()
+            return self.versions.clock + self.front.adapters.buffer_version() + self._parameter_counters(None)
+
+    def base_version(self, below: Optional[int] = None) -> Hashable:
+        """The base components' version (layers < ``below``, or all): the explicit stamps plus
+        rank 0's engine parameters' in-place version counters, so an edit through a view the face
+        hands out (``get_input_embeddings().weight`` at tp_size=1) is never served stale."""
+        return self.versions.base_version(below), self._parameter_counters(below)
+
+    def _parameter_counters(self, below: Optional[int]) -> int:
+        groups = getattr(self, "_parameter_groups", None)
+        if groups is None or groups[0] is not self.front.model:
+            model = self.front.model
+            by_layer: Dict[int, list] = {}
+            for name, param in model.named_parameters():
+                by_layer.setdefault(engine_layer_of(name), []).append(param)
+            groups = self._parameter_groups = (model, sorted(by_layer.items()))
+        return sum(compat.tensor_version(p) for layer, params in groups[1] if below is None or layer < below
+                   for p in params)
 
     def result_version(self, lora_id: Optional[str]) -> Hashable:
-        return self.versions.base_version(), self.adapter_version(lora_id)
+        return self.base_version(), self.adapter_version(lora_id)
 
     def _frozen_adapter_part(self, lora_id: Optional[str]) -> Optional[Hashable]:
         if lora_id is None:
@@ -139,7 +156,7 @@ class EngineCaches:
             if debt:
                 call = replace(call, frozen=FrozenPlan(layer=None, keys=[], compute=[], evict=debt))
             return run(call)
-        plan = self.frozen.plan(call, self.versions.base_version(below=self.frozen.layer), self._frozen_adapter_part)
+        plan = self.frozen.plan(call, self.base_version(below=self.frozen.layer), self._frozen_adapter_part)
         plan.evict = debt + plan.evict
         try:
             return run(replace(call, frozen=plan))

@@ -34,6 +34,8 @@ class LoRAEngineConfig:
 
     max_rank: int = 16
     max_adapters: int = 8  # adapters resident at once (= SGLang max_loras_per_batch)
+    # The engine layers SGLang wraps (the family's: ``WeightMap.lora_base_modules``).
+    target_modules: Tuple[str, ...] = LORA_BASE_MODULES
 
     def server_args_kwargs(self, device: str) -> Dict[str, Any]:
         return dict(
@@ -43,7 +45,7 @@ class LoRAEngineConfig:
             # evicted, so adapter tensors handed out as views stay the engine's own memory.
             max_loras_per_batch=self.max_adapters + 1,
             max_loaded_loras=self.max_adapters + 1,
-            lora_target_modules=list(LORA_BASE_MODULES),  # SGLang wraps layers, q/k/v as qkv_proj
+            lora_target_modules=list(self.target_modules),  # SGLang wraps layers, q/k/v as qkv_proj
             lora_backend="torch_native" if device == "cpu" else "triton",
         )
 

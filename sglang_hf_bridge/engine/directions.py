@@ -29,6 +29,14 @@ class NamedSlice:
     full_shape: Tuple[int, ...]
     view: torch.Tensor  # this rank's memory (engine weights, adapter slot or torch parameter)
     index: Tuple[slice, ...]  # where ``view`` sits inside the full tensor
+    # The HF tensor's shape when ``full_shape`` views it otherwise (a fused checkpoint tensor seen
+    # as [parts, rows, ...]: the same values in the same order, so z is the same either way).
+    hf_shape: Optional[Tuple[int, ...]] = None
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """The HF tensor's shape."""
+        return self.hf_shape or self.full_shape
 
 
 def direction_seed(seed: int, name: str) -> int:

@@ -202,6 +202,9 @@ class RankEngine:
             return hidden[torch.as_tensor(idx, dtype=torch.long, device=hidden.device)]
         if call.logits is Logits.NONE:
             return None
+        if call.logits is Logits.MEAN:  # as transformers: the sum over the sequence, divided by its length
+            lens = [len(s.input_ids) for s in seqs]
+            return torch.stack([hidden[st:st + n].sum(0) / n for st, n in zip(starts, lens)])
         raise TypeError(f"EncoderCall.logits is {call.logits!r}, not a Logits member")
 
     def _split_results(self, call, seqs, starts, lens, out: PassOutputs) -> List[SequenceResult]:
@@ -214,7 +217,7 @@ class RankEngine:
         head_input = self._head_input(call, seqs, starts, hidden)
         logits = None
         if head_input is not None and head_input.shape[0] > 0:
-            counts = [n if call.logits is Logits.ALL else len(s.logit_positions or []) for s, n in zip(seqs, lens)]
+            counts = [_head_rows(call.logits, s, n) for s, n in zip(seqs, lens)]
             logits = self._apply_head(head_input, vocab_ids, seqs, counts)
         qo_logits = None
         if out.query_only_last is not None and head_input is not None:
@@ -224,7 +227,7 @@ class RankEngine:
         for s, st, n in zip(seqs, starts, lens):
             r = SequenceResult()
             if logits is not None:
-                k = n if call.logits is Logits.ALL else len(s.logit_positions or [])
+                k = _head_rows(call.logits, s, n)
                 r.logits = logits[offset : offset + k]
                 offset += k
             if call.output_hidden_states:
@@ -275,6 +278,15 @@ class RankEngine:
             groups.append((self.adapters.slot_of(lora_id), a.rank, a.scaling,
                            torch.tensor(rows, dtype=torch.long, device=device)))
         return QueryOnlyLoRA(groups=groups)
+
+
+def _head_rows(logits: Logits, seq, length: int) -> int:
+    """How many head rows a sequence of ``length`` tokens gets."""
+    if logits is Logits.ALL:
+        return length
+    if logits is Logits.MEAN:
+        return 1
+    return len(seq.logit_positions or [])
 
 
 def _flat(lists: List[List[int]], device) -> torch.Tensor:

@@ -45,4 +45,4 @@ def rank_parameters(engine) -> Dict[str, torch.Tensor]:
 def rank_adapter_matrices(engine, lora_id: str) -> Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]]:
     """This rank's A/B views of an adapter, copied to CPU."""
     adapter = engine.adapters.adapters[lora_id]
-    return {key: (a.detach().cpu().clone(), b.detach().cpu().clone()) for key, (a, b) in adapter.views.items()}
+    return {key: tuple(t.detach().cpu().clone() for t in adapter.matrices(key)) for key in adapter.views}

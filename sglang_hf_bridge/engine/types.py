@@ -42,6 +42,7 @@ class Logits(str, Enum):
     ALL = "all"  # every real token
     SELECTED = "selected"  # each sequence's logit_positions
     NONE = "none"  # nowhere: no head
+    MEAN = "mean"  # once per sequence, on the mean of its tokens' states (mean-pooling heads)
 
 
 @dataclass

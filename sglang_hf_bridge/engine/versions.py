@@ -32,6 +32,7 @@ HEAD = 1 << 20  # sorts after every encoder layer
 
 _LAYER = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\.")
 _POOLER = re.compile(r"(?:^|\.)pooler\.")
+_FINAL_NORM = re.compile(r"(?:^|\.)final_norm\.")
 
 
 def base_layer_of(hf_name: str) -> int:
@@ -39,9 +40,17 @@ def base_layer_of(hf_name: str) -> int:
     m = _LAYER.search(hf_name)
     if m:
         return int(m.group(1))
-    if hf_name.startswith(TOP_LEVEL_PREFIXES) or _POOLER.search(hf_name):  # every head of every family
-        return HEAD
+    if hf_name.startswith(TOP_LEVEL_PREFIXES) or _POOLER.search(hf_name) or _FINAL_NORM.search(hf_name):
+        return HEAD  # every head of every family; ModernBERT's final norm comes after every layer
     return EMBEDDINGS  # embeddings (the tied decoder is the word-embedding matrix)
+
+
+def engine_layer_of(engine_name: str) -> int:
+    """The base component an engine parameter belongs to (``layers.N.`` / ``embeddings.`` / head)."""
+    m = _LAYER.search(engine_name)
+    if m:
+        return int(m.group(1))
+    return EMBEDDINGS if engine_name.startswith("embeddings.") else HEAD
 
 
 def min_layer_of(names: Iterable[str]) -> Optional[int]:

@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 
 from ..sglang_models.layout import lora_layout
-from ..sglang_models.weight_map import weight_map_for
+from ..sglang_models.weight_map import ALL_PARTS, LORA_TARGETS, weight_map_for
 from .directions import NamedSlice, add_scaled_directions, zo_update
 from .versions import AdapterWrite, BaseWrite, writes
 
@@ -40,7 +40,9 @@ def hf_parameter_slices(model) -> Dict[str, NamedSlice]:
                 continue
             full = names.to_hf_name(ckpt_name)
             view = layout.local(param.data, rank, part)
-            out[full] = NamedSlice(full, layout.full_shape(param.shape), view, layout.index(rank, view.dim()))
+            fused = layout.full_shape(param.shape, part)
+            out[full] = NamedSlice(full, fused, view, layout.index(rank, view.dim(), part),
+                                   hf_shape=(fused[0] * fused[1],) + fused[2:] if part == ALL_PARTS else None)
     return out
 
 
@@ -56,10 +58,18 @@ def adapter_slices(engine, lora_id: str, peft_names: Dict[tuple, str]) -> Dict[s
     for (layer, module), (a, b) in adapter.views.items():
         if (layer, module, "A") not in peft_names:
             continue  # a zero slice SGLang needs in its fused qkv, not part of the PEFT adapter
+        fused = LORA_TARGETS[module].fused
         for which, view in (("A", a), ("B", b)):
             name = peft_names[(layer, module, which)]
             layout = lora_layout(engine.model.layouts, layer, module, which)
-            out[name] = NamedSlice(name, layout.full_shape(view.shape), view, layout.index(engine.rank, 2))
+            if fused and which == "A":  # [parts, r, in]: every copy of the shared A moves with z [r, in]
+                out[name] = NamedSlice(name, tuple(view.shape[1:]), view, (slice(None),) * 2)
+            elif fused:  # [parts, rows, r]: z drawn at [parts, all rows, r] (PEFT's [parts * rows, r])
+                shape = (view.shape[0], layout.real_size or view.shape[1] * layout.tp_size, view.shape[2])
+                out[name] = NamedSlice(name, shape, view, layout.index(engine.rank, 3, ALL_PARTS),
+                                       hf_shape=(shape[0] * shape[1], shape[2]))
+            else:
+                out[name] = NamedSlice(name, layout.full_shape(view.shape), view, layout.index(engine.rank, 2))
     return out
 
 
@@ -105,7 +115,7 @@ def rank_set_hf_tensors(engine, tensors: Dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             s = slices[name]
-            s.view.copy_(value[s.index].to(s.view.dtype))
+            s.view.copy_(value.reshape(s.full_shape)[s.index].to(s.view.dtype))
 
 
 @writes(lambda lora_id, *_: AdapterWrite(lora_id))
@@ -114,4 +124,4 @@ def rank_set_adapter_tensors(engine, lora_id: str, peft_names, state: Dict[str, 
     slices = adapter_slices(engine, lora_id, peft_names)
     with torch.no_grad():
         for name, s in slices.items():
-            s.view.copy_(state[name][s.index].to(s.view.dtype))
+            s.view.copy_(state[name].reshape(s.full_shape)[s.index].to(s.view.dtype))

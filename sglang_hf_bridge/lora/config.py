@@ -84,7 +84,7 @@ def resolve_adapter_spec(peft_config, model_config, max_rank: int, head_modules:
     saved = resolve_head_modules(getattr(c, "modules_to_save", None), head_modules, module_names)
     for name in module_names:
         if check_target_module_exists(c, name):
-            key = hf_module_to_engine(name)
+            key = hf_module_to_engine(name, model_config)
             (targets.add(key) if key else not_runnable.append(name))
     if not_runnable:
         raise UnsupportedAdapterError(f"LoRA on {', '.join(not_runnable)} is not supported by the engine")

@@ -22,6 +22,7 @@ from ..lora.files import read_adapter_dir, write_adapter_dir
 from ..lora.init import init_adapter_weights
 from ..lora.names import engine_key_to_peft, peft_key_to_engine
 from ..process import deferred_interrupts
+from ..sglang_models.weight_map import LORA_TARGETS
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
 SCRATCH_PREFIX = "__zo_"  # MeZOTrainer's scratch adapters (freed when train() ends)
@@ -247,7 +248,8 @@ class SGLangAdapterMixin:
     def adapter_tensors(self, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """PEFT-named ``lora_A``/``lora_B`` tensors of an adapter (the names PEFT's
         ``save_pretrained`` writes), as views of the engine's LoRA pool: in-place changes are
-        used by the next forward, with no copy and no reload."""
+        used by the next forward, with no copy and no reload. ModernBERT's fused ``Wqkv`` / ``Wi``
+        matrices are copies (SGLang holds one A per fused part; one view cannot change them all)."""
         adapter = self._get_adapter(adapter_name)
         if self.runtime.config.tp_size > 1:
             raise NotImplementedError(
@@ -258,9 +260,11 @@ class SGLangAdapterMixin:
         prefix = self._head_names().hf_prefix
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
-            a, b = engine.views[(layer, module)]
-            out[engine_key_to_peft(layer, module, "A", prefix)] = a
-            out[engine_key_to_peft(layer, module, "B", prefix)] = b
+            a, b = engine.matrices((layer, module))
+            if LORA_TARGETS[module].fused:  # SGLang keeps a copy of A per part: hand out copies
+                a, b = a.clone(), b.clone()
+            out[engine_key_to_peft(layer, module, "A", prefix, self.config)] = a
+            out[engine_key_to_peft(layer, module, "B", prefix, self.config)] = b
         out.update(self._adapter_head_tensors(adapter))
         return out
 
@@ -272,7 +276,7 @@ class SGLangAdapterMixin:
         out = {}
         for (layer, module) in sorted(adapter.spec.targets):
             for i, which in enumerate("AB"):
-                out[engine_key_to_peft(layer, module, which, prefix)] = matrices[(layer, module)][i]
+                out[engine_key_to_peft(layer, module, which, prefix, self.config)] = matrices[(layer, module)][i]
         out.update({k: v.detach().cpu().clone() for k, v in self._adapter_head_tensors(adapter).items()})
         return out
 
@@ -361,7 +365,7 @@ def _state_to_engine(state: Dict[str, torch.Tensor], spec: AdapterSpec, names):
             head[wanted[bare]] = tensor
             continue
         try:
-            layer, module, which = peft_key_to_engine(key)
+            layer, module, which = peft_key_to_engine(key, names)
         except KeyError:
             unknown.append(key)
             continue

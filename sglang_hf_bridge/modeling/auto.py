@@ -25,10 +25,10 @@ from .base import SGLangPreTrainedModel
 def _families(head: Head = MASKED_LM) -> Dict[str, Type[SGLangPreTrainedModel]]:
     """model_type -> the face class for it with ``head``: each face class whose config class is
     that model type's, else its family's first class."""
-    from . import bert, roberta
+    from . import bert, modernbert, roberta
 
     out: Dict[str, Type[SGLangPreTrainedModel]] = {}
-    for module in (roberta, bert):
+    for module in (roberta, bert, modernbert):
         for cls in vars(module).values():
             if not (isinstance(cls, type) and issubclass(cls, SGLangPreTrainedModel) and cls.head_spec is head
                     and cls.__module__ == module.__name__ and cls.model_types):
@@ -56,7 +56,7 @@ def _family_from_tensors(directory: str, use_safetensors) -> str:
 
 class _SGLangAutoClass:
     """Like transformers' Auto classes: ``from_pretrained(path_or_hub_id, ...)`` returns the
-    engine-backed class of the checkpoint's family (bert, roberta, xlm-roberta, camembert) with this
+    engine-backed class of the checkpoint's family (bert, roberta, xlm-roberta, camembert, modernbert) with this
     class's head."""
 
     head: Head = MASKED_LM

@@ -263,7 +263,9 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
                              "CUDA_VISIBLE_DEVICES and pass device='cuda'")
         engine_config = cls._engine_config(
             files, plan, config, torch_device, torch_dtype, tp_size, max_num_tokens,
-            LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras)) if enable_lora else None,
+            LoRAEngineConfig(max_rank=int(max_lora_rank), max_adapters=int(max_loras),
+                             target_modules=(cls.family or family_for(config)).weight_map.lora_base_modules)
+            if enable_lora else None,
             sglang_options, worker_timeout_s=worker_timeout_s, encoder_attention=encoder_attention,
             worker_start_timeout_s=worker_start_timeout_s, gemm=gemm,
         )
@@ -324,11 +326,20 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
                              "nodes' ranks with `python -m sglang_hf_bridge.engine.tp_worker HOST:PORT RANK`")
         if nnodes < 1 or tp_size % nnodes:
             raise ValueError(f"nnodes={nnodes} must divide tp_size={tp_size}")
-        # Naming an SGLang attention backend means "use it"; otherwise the model's own SDPA.
+        # Naming an SGLang attention backend means "use it"; otherwise the model's own SDPA. A model
+        # with windowed layers (ModernBERT) always runs its own: no SGLang 0.5.23 backend has a
+        # bidirectional window.
+        window = (cls.family or family_for(config)).sliding_window(config)
         if encoder_attention is None:  # CUDA: triton's one varlen kernel beats a launch per sequence
-            encoder_attention = "backend" if engine_options.get("attention_backend") or device.type != "cpu" else "sdpa"
+            encoder_attention = "backend" if (engine_options.get("attention_backend") or device.type != "cpu") \
+                and window is None else "sdpa"
         if encoder_attention not in ("sdpa", "backend"):
             raise ValueError(f"encoder_attention must be 'sdpa' or 'backend', got {encoder_attention!r}")
+        if encoder_attention == "backend" and window is not None:
+            raise ValueError(
+                f"encoder_attention='backend': SGLang's attention backends cannot express this model's bidirectional "
+                f"sliding window ({config.model_type}: local_attention={config.local_attention}, {window} tokens each "
+                "side on its windowed layers); use encoder_attention='sdpa' (the default for it)")
         if gemm is not None and gemm not in ("auto", *GEMM_PATHS):
             raise ValueError(f"gemm must be 'auto', {', '.join(repr(p) for p in GEMM_PATHS)}, got {gemm!r}")
         max_sequence_length = cls.max_sequence_length(config)

@@ -17,6 +17,7 @@ import torch
 
 from ..engine import EncoderCall, Logits
 from ..errors import InputValidationError
+from ..sglang_models.heads import rows_read
 from .base import SGLangPreTrainedModel
 from .inputs import ragged_batch, scatter_rows, validate_inputs
 
@@ -71,13 +72,16 @@ class SGLangEncoderTask(SGLangPreTrainedModel):
                 last_hidden: bool = False) -> EncodedBatch:
         ids, mask, types, pos = validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids,
                                                 self.absolute_position_ids)
-        reads_first = self.head_spec.reads == "first"
+        reads = rows_read(self.head_spec, self.config)
+        reads_first = reads == "first"
         # transformers reads column 0 of every row: a real token unless the batch is left-padded.
         first_is_real = bool(mask[:, 0].all())
-        every_position = output_hidden_states or last_hidden or not reads_first or not first_is_real
+        every_position = output_hidden_states or last_hidden or not (reads_first and first_is_real or reads == "mean")
         prepared = ragged_batch(ids, mask, types, pos, with_query_only=every_position)
         self._assign_adapters(prepared, adapter_names)
-        if reads_first and first_is_real:
+        if reads == "mean":  # the mean of each row's real tokens (transformers masks the padding out)
+            logits = Logits.MEAN
+        elif reads_first and first_is_real:
             for seq in prepared.sequences:
                 seq.logit_positions = [0]
             logits = Logits.SELECTED
@@ -87,7 +91,7 @@ class SGLangEncoderTask(SGLangPreTrainedModel):
                            return_last_hidden=last_hidden)
         rows = self.runtime.forward(call).sequences
         width = self._head_width()
-        if logits is Logits.SELECTED:
+        if logits in (Logits.SELECTED, Logits.MEAN):
             head = torch.cat([r.logits for r in rows]).to(self.dtype)
         else:
             head = scatter_rows(prepared, [r.logits for r in rows], [r.query_only_logits for r in rows], width,

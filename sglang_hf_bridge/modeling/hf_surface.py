@@ -295,7 +295,7 @@ class HFSurfaceMixin:
         shapes = getattr(self, "_engine_shapes_cache", None)
         if shapes is None or shapes[0] is not self.runtime:
             slices = hf_parameter_slices(self.runtime.model)
-            shapes = (self.runtime, {n: tuple(s.full_shape) for n, s in slices.items()})
+            shapes = (self.runtime, {n: tuple(s.shape) for n, s in slices.items()})
             self._engine_shapes_cache = shapes
         return shapes[1]
 

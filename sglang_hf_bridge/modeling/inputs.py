@@ -112,6 +112,10 @@ def validate_inputs(config, input_ids, attention_mask, token_type_ids, position_
     types = _as_2d_long("token_type_ids", token_type_ids, (B, T))
     if types is None:
         types = torch.zeros_like(ids)
+    elif getattr(config, "type_vocab_size", None) is None:  # ModernBERT: no token-type embeddings
+        if bool(types.any()):
+            raise InputValidationError(f"token_type_ids must be all 0 or None: {config.model_type} has no token "
+                                       "type embeddings")
     elif int(types.min()) < 0 or int(types.max()) >= config.type_vocab_size:
         raise InputValidationError(f"token_type_ids must lie in [0, {config.type_vocab_size})")
     pos = _as_2d_long("position_ids", position_ids, (B, T), allow_broadcast_rows=True)

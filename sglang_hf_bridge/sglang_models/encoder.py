@@ -16,30 +16,23 @@ pass's scope (:mod:`.forward_context`); ``forward`` returns a :class:`~.forward_
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
 from sglang.srt.distributed.parallel_state import (
-    get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-from sglang.srt.model_loader.weight_utils import default_weight_loader
 from torch import nn
 
 from .. import compat
-from .families import family_for, ties_word_embeddings
+from .encoder_base import EncoderWithHeads
 from .forward_context import PassOutputs, QueryOnlyState, current_pass
-from .heads import MASKED_LM, head_of
-from .layout import EngineLayouts, build_layouts
-from .lm_head import MaskedLMHead
-from .task_heads import Pooler, TaskHead
-from .weight_map import LORA_TARGETS, canonical_name, weight_map_for
 
 
 class RobertaEmbeddings(nn.Module):
@@ -200,7 +193,7 @@ class RobertaLayer(nn.Module):
         return x, query_only.moved_to(s)
 
 
-class SGLangBridgeEncoder(nn.Module):
+class SGLangBridgeEncoder(EncoderWithHeads):
     """Encoder + the head the config names (:mod:`.heads`: masked LM by default; a task head --
     pooler, classification dense, output projection -- otherwise). ``forward`` returns the pass's
     hidden states (:class:`~.forward_context.PassOutputs`); the engine applies
@@ -217,18 +210,7 @@ class SGLangBridgeEncoder(nn.Module):
         self.layers = nn.ModuleList(
             [RobertaLayer(config, i, prefix=f"layers.{i}") for i in range(config.num_hidden_layers)]
         )
-        self.head_spec = head_of(config)
-        self.lm_head = self.pooler = self.head = None
-        if self.head_spec is MASKED_LM:
-            self.lm_head = MaskedLMHead(config, self.embeddings.word_embeddings)
-        else:
-            shape = self.head_spec.shape(family_for(config).name)
-            self.pooler = Pooler(config.hidden_size) if shape.pooler else None
-            if shape.output is not None:
-                self.head = TaskHead(config.hidden_size, self.head_spec.num_outputs(config), shape.dense is not None)
-        self.layouts = self._build_layouts()
-        if self.lm_head is not None:
-            self.lm_head.vocab_layout = self.layouts["lm_head.bias"]
+        self.init_heads()
 
     @torch.no_grad()
     def forward(
@@ -264,83 +246,11 @@ class SGLangBridgeEncoder(nn.Module):
         return out
 
     def use_linear(self, linear, linear_gelu=None) -> None:
-        """Compute the bridge's own linears (the head) with ``linear``, and the FFN's up-projection
-        with ``linear_gelu`` (GELU fused) where given (SGLang's layers are routed by
-        compat.route_linear_layers)."""
-        if self.lm_head is not None:
-            self.lm_head.linear = linear
+        """Also the FFN's up-projection with ``linear_gelu`` (GELU fused) where given."""
+        super().use_linear(linear, linear_gelu)
         for layer in self.layers:
             layer.mlp.linear_gelu = linear_gelu
             layer.mlp.up_base = compat.lora_base_layer(layer.mlp.fc_in)
-
-    def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None, head=None):
-        """The head on the rows it reads: masked-LM logits, or pooler -> task head. ``head``: an
-        adapter's own head tensors (engine names) to use instead of the model's."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden, vocab_ids)
-        own = head or {}
-        if self.pooler is not None:
-            hidden = self.pooler(hidden, {k[len("pooler."):]: v for k, v in own.items() if k.startswith("pooler.")})
-        if self.head is None:
-            return hidden
-        return self.head(hidden, {k[len("head."):]: v for k, v in own.items() if k.startswith("head.")})
-
-    def _build_layouts(self) -> EngineLayouts:
-        """Every parameter's layout, from this rank's shapes, checked against SGLang's own
-        vocabulary ranges (read through compat)."""
-        vocab = {"embeddings.word_embeddings.weight": self.embeddings.word_embeddings}
-        if self.lm_head is not None and hasattr(self.lm_head, "decoder"):
-            vocab["lm_head.decoder.weight"] = self.lm_head.decoder
-        return build_layouts(
-            self.config, get_tensor_model_parallel_world_size(),
-            {n: tuple(p.shape) for n, p in self.named_parameters()},
-            device=self.embeddings.word_embeddings.weight.device.type,
-            vocab_ranges={n: compat.vocab_shard_range(e) for n, e in vocab.items()},
-            rank=get_tensor_model_parallel_rank())
-
-    # --- LoRA support hooks (SGLang's LoRA manager calls these) ------------------------------
-    def get_hidden_dim(self, module_name: str, layer_idx: int):
-        """(in, out) of the whole (padded, fused) layer ``module_name`` of ``layer_idx``."""
-        target = next((t for t in LORA_TARGETS.values() if t.base == module_name), None)
-        if target is None:
-            raise NotImplementedError(f"LoRA on {module_name} is not supported")
-        name = target.engine_weight(layer_idx)
-        out_features, in_features = self.layouts[name].engine_full_shape(self.get_parameter(name).shape)
-        return in_features, out_features
-
-    # --- weights ------------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
-        """Load checkpoint tensors through the family's weight map (:mod:`.weight_map`), each
-        padded as its layout says SGLang's loader wants it. Returns loaded engine names."""
-        params = dict(self.named_parameters())
-        names = weight_map_for(self.config)
-        skip = set(names.skipped_when_loading(ties_word_embeddings(self.config)))
-        loaded = set()
-        for name, tensor in weights:
-            if canonical_name(name) in skip:
-                continue
-            mapped = names.checkpoint_to_engine_name(name)
-            if mapped is None:
-                continue
-            engine_name, shard = mapped
-            if engine_name not in params:
-                raise KeyError(f"checkpoint tensor {name!r} maps to unknown engine parameter {engine_name!r}")
-            tensor = self.layouts[engine_name].padded_for_loading(tensor)
-            param = params[engine_name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-            loaded.add(engine_name if shard is None else f"{engine_name}:{shard}")
-        return loaded
-
-    def expected_loaded_names(self):
-        names = set()
-        for engine_name, _ in self.named_parameters():
-            for _, shard in weight_map_for(self.config).engine_to_checkpoint_names(engine_name):
-                names.add(engine_name if shard is None else f"{engine_name}:{shard}")
-        return names
 
 
 EntryClass = [SGLangBridgeEncoder]

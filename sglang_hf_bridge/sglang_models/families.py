@@ -11,9 +11,9 @@ module imports neither SGLang nor transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
-from .weight_map import BERT, ROBERTA, WeightMap
+from .weight_map import BERT, MODERNBERT, ROBERTA, WeightMap
 
 ENCODER_CLASS = "sglang_hf_bridge.sglang_models.encoder.SGLangBridgeEncoder"
 
@@ -53,6 +53,17 @@ class Family:
             return int(config.max_position_embeddings)
         return int(config.max_position_embeddings - config.pad_token_id - 1)
 
+    def sliding_window(self, config) -> Optional[int]:
+        """Tokens each side a windowed layer sees (None: every layer sees the whole sequence, or
+        the window is wider than any sequence)."""
+        if self.name != "modernbert":
+            return None
+        types = getattr(config, "layer_types", None) or []
+        window = int(config.local_attention) // 2
+        if "sliding_attention" not in types or window + 1 >= self.max_sequence_length(config):
+            return None
+        return window
+
     def ties_word_embeddings(self, config) -> bool:
         """Whether the MLM decoder is the word-embedding matrix."""
         return bool(getattr(config, "tie_word_embeddings", self.ties_by_default))
@@ -71,7 +82,14 @@ BERT_FAMILY = Family(
     weight_map=BERT,
     absolute_position_ids=True,
 )
-FAMILIES: Tuple[Family, ...] = (ROBERTA_FAMILY, BERT_FAMILY)
+MODERNBERT_FAMILY = Family(
+    name="modernbert",
+    hf_classes={"modernbert": "ModernBertForMaskedLM"},
+    weight_map=MODERNBERT,
+    absolute_position_ids=True,  # 0..T-1 over the padded row, as transformers' default position_ids
+    sglang_model_class="sglang_hf_bridge.sglang_models.modernbert.SGLangModernBertEncoder",
+)
+FAMILIES: Tuple[Family, ...] = (ROBERTA_FAMILY, BERT_FAMILY, MODERNBERT_FAMILY)
 
 # model_type -> transformers' masked-LM class name, for every supported model_type.
 SUPPORTED_MODEL_TYPES: Dict[str, str] = {t: c for f in FAMILIES for t, c in f.hf_classes.items()}

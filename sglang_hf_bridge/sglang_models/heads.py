@@ -28,6 +28,10 @@ class HeadShape:
     pooler: bool = False
     dense: Optional[str] = None  # module name of the dense layer (``classifier.dense``)
     output: Optional[str] = None  # module name of the output layer (``classifier.out_proj``)
+    # After the dense: its activation ("tanh", or "config.<field>": the config names it) and a
+    # LayerNorm (module name; ModernBERT's prediction head ``head.norm``).
+    activation: str = "tanh"
+    norm: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -59,21 +63,36 @@ class Head:
 
 
 _CLASSIFIER = HeadShape(output="classifier")
+# ModernBERT's every task head: its prediction head (dense -> the config's classifier activation
+# -> norm), then ``classifier``.
+_MODERNBERT_TASK = HeadShape(dense="head.dense", norm="head.norm", activation="config.classifier_activation",
+                             output="classifier")
 MASKED_LM = Head("masked_lm", "ForMaskedLM", "selected", "vocab",
-                 {"roberta": HeadShape(), "bert": HeadShape()}, new_when_missing=False)
+                 {"roberta": HeadShape(), "bert": HeadShape(), "modernbert": HeadShape()}, new_when_missing=False)
 SEQUENCE_CLASSIFICATION = Head(
     "sequence_classification", "ForSequenceClassification", "first", "labels",
     {"roberta": HeadShape(dense="classifier.dense", output="classifier.out_proj"),
-     "bert": HeadShape(pooler=True, output="classifier")})
+     "bert": HeadShape(pooler=True, output="classifier"), "modernbert": _MODERNBERT_TASK})
 TOKEN_CLASSIFICATION = Head("token_classification", "ForTokenClassification", "all", "labels",
-                            {"roberta": _CLASSIFIER, "bert": _CLASSIFIER})
+                            {"roberta": _CLASSIFIER, "bert": _CLASSIFIER, "modernbert": _MODERNBERT_TASK})
 QUESTION_ANSWERING = Head("question_answering", "ForQuestionAnswering", "all", "labels",
-                          {"roberta": HeadShape(output="qa_outputs"), "bert": HeadShape(output="qa_outputs")})
+                          {"roberta": HeadShape(output="qa_outputs"), "bert": HeadShape(output="qa_outputs"),
+                           "modernbert": _MODERNBERT_TASK})
 BASE_MODEL = Head("base_model", "Model", "first", None,
-                  {"roberta": HeadShape(pooler=True), "bert": HeadShape(pooler=True)}, under_base=False)
+                  {"roberta": HeadShape(pooler=True), "bert": HeadShape(pooler=True), "modernbert": HeadShape()},
+                  under_base=False)
 
 HEADS: Dict[str, Head] = {h.name: h for h in (MASKED_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
                                              QUESTION_ANSWERING, BASE_MODEL)}
+
+
+def rows_read(head: Head, config) -> str:
+    """The rows ``head`` reads for this config: a sequence head of a model whose config pools by
+    the mean (ModernBERT's ``classifier_pooling="mean"``) reads ``"mean"`` -- the mean of each
+    sequence's real tokens' states -- instead of the first token's."""
+    if head.reads == "first" and head.outputs == "labels" and getattr(config, "classifier_pooling", "cls") == "mean":
+        return "mean"
+    return head.reads
 
 
 def head_of(config) -> Head:
@@ -90,7 +109,7 @@ def task_head_rows(shape: HeadShape) -> List[Row]:
     """Checkpoint name -> engine name rows of a task head (the masked LM's are the weight map's).
     Engine names: ``pooler.dense.*``, ``head.dense.*``, ``head.output.*``."""
     rows: List[Row] = list(POOLER_ROWS) if shape.pooler else []
-    for module, engine in ((shape.dense, "head.dense"), (shape.output, "head.output")):
+    for module, engine in ((shape.dense, "head.dense"), (shape.norm, "head.norm"), (shape.output, "head.output")):
         if module is not None:
             rows += [(f"{module}.weight", f"{engine}.weight", None), (f"{module}.bias", f"{engine}.bias", None)]
     return rows
@@ -98,4 +117,4 @@ def task_head_rows(shape: HeadShape) -> List[Row]:
 
 def top_level_prefixes(shape: HeadShape) -> Tuple[str, ...]:
     """Names the task class writes outside the base model (``classifier.``, ``qa_outputs.``)."""
-    return tuple(dict.fromkeys(f"{m.split('.')[0]}." for m in (shape.dense, shape.output) if m))
+    return tuple(dict.fromkeys(f"{m.split('.')[0]}." for m in (shape.dense, shape.norm, shape.output) if m))

@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..errors import SGLangLayoutError
-from .weight_map import LORA_TARGETS, SPLITS, Split
+from .weight_map import ALL_PARTS, LORA_TARGETS, SPLITS, Split
 
 # SGLang 0.5.23 pads the vocabulary to a multiple of 64 (``DEFAULT_VOCAB_PADDING_SIZE``) and gives
 # each rank an equal block of the padded rows (``VocabParallelEmbedding``).
@@ -45,11 +45,15 @@ def real_intermediate_size(config) -> int:
 
 
 def module_dims(config, module: str) -> Tuple[int, int]:
-    """(in, out) features of a LoRA target (``q_proj``…) at the checkpoint's (unpadded) sizes."""
+    """(in, out) features of a LoRA target (``q_proj``…; a fused one -- ModernBERT's ``qkv_proj``,
+    ``gate_up_proj`` -- covers every part) at the checkpoint's (unpadded) sizes."""
     weight = [config.hidden_size, config.hidden_size]  # [out, in], as the weight is stored
-    split = _split_of(f"{LORA_TARGETS[module].base}.weight")
+    target = LORA_TARGETS[module]
+    split = _split_of(f"{target.base}.weight")
     if split is not None and split.sized_by == "intermediate":
         weight[split.dim] = real_intermediate_size(config)
+    if target.fused:
+        weight[0] *= len(split.parts)
     return weight[1], weight[0]
 
 
@@ -98,7 +102,12 @@ class ParameterLayout:
     def local(self, data: torch.Tensor, rank: int, part: Optional[str] = None,
               dim: Optional[int] = None) -> torch.Tensor:
         """A view of the real entries of one part in rank ``rank``'s tensor ``data``. ``dim``: where
-        ``data`` carries the split axis when not at ``split_dim`` (the vocabulary in logits)."""
+        ``data`` carries the split axis when not at ``split_dim`` (the vocabulary in logits).
+        ``part=ALL_PARTS``: every part at once, as ``[parts, real entries, ...]`` (a strided view:
+        each part's padding left out)."""
+        if part == ALL_PARTS:
+            stacked = data.unflatten(0, (len(self.parts), -1))
+            return stacked if self.replicated else stacked.narrow(1, 0, self.real_count(rank))
         if part is not None:
             width = data.shape[0] // len(self.parts)
             data = data.narrow(0, self.parts.index(part) * width, width)
@@ -106,15 +115,21 @@ class ParameterLayout:
             return data
         return data.narrow(self.split_dim if dim is None else dim, 0, self.real_count(rank))
 
-    def index(self, rank: int, ndim: int) -> Tuple[slice, ...]:
-        """Where :meth:`local` sits in the full (one-part, unpadded) HF tensor."""
+    def index(self, rank: int, ndim: int, part: Optional[str] = None) -> Tuple[slice, ...]:
+        """Where :meth:`local` sits in the full (one-part, unpadded) HF tensor; for ``ALL_PARTS``
+        in the fused tensor seen as ``[parts, real size, ...]`` (:meth:`full_shape`)."""
+        if part == ALL_PARTS:
+            return (slice(None),) + self.index(rank, ndim - 1)
         if self.replicated:
             return (slice(None),) * ndim
         start = rank * self.per_rank
         return (slice(None),) * self.split_dim + (slice(start, start + self.real_count(rank)),)
 
-    def full_shape(self, local_shape: Sequence[int]) -> Tuple[int, ...]:
-        """The HF shape of one part, from one rank's (fused, padded) shape."""
+    def full_shape(self, local_shape: Sequence[int], part: Optional[str] = None) -> Tuple[int, ...]:
+        """The HF shape of one part, from one rank's (fused, padded) shape; for ``ALL_PARTS`` the
+        fused HF tensor as ``[parts, real size, ...]`` (its rows in order: the same memory)."""
+        if part == ALL_PARTS:
+            return (len(self.parts),) + self.full_shape(local_shape)
         shape = list(local_shape)
         if len(self.parts) > 1:
             shape[0] //= len(self.parts)
@@ -139,16 +154,24 @@ class ParameterLayout:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def part_of(self, full: torch.Tensor, part: Optional[str]) -> torch.Tensor:
-        """One part of a :meth:`gather` ed tensor (``full`` itself for unfused parameters)."""
-        if part is None:
+        """One part of a :meth:`gather` ed tensor (``full`` itself for unfused parameters and for
+        ``ALL_PARTS``: the gathered parts are stacked as the fused checkpoint tensor stacks them)."""
+        if part is None or part == ALL_PARTS:
             return full
         width = full.shape[0] // len(self.parts)
         return full.narrow(0, self.parts.index(part) * width, width)
 
     def padded_for_loading(self, tensor: torch.Tensor) -> torch.Tensor:
-        """An HF tensor zero-padded to the size SGLang's loader splits (itself if none is needed)."""
+        """An HF tensor zero-padded to the size SGLang's loader splits (itself if none is needed);
+        one holding every fused part (a fused LoRA B) is padded part by part."""
         if not self.loader_pads:
             return tensor
+        n = len(self.parts)
+        if n > 1 and self.split_dim == 0 and tensor.shape[0] == n * self.real_size:
+            return torch.cat([self._padded_part(t) for t in tensor.chunk(n, dim=0)])
+        return self._padded_part(tensor)
+
+    def _padded_part(self, tensor: torch.Tensor) -> torch.Tensor:
         missing = self.per_rank * self.tp_size - tensor.shape[self.split_dim]
         if missing <= 0:
             return tensor
@@ -164,7 +187,7 @@ class ParameterLayout:
         splits_here = (self.split_dim == 0 and which == "B") or (self.split_dim == 1 and which == "A")
         if not splits_here:
             return ParameterLayout(name, self.tp_size)
-        return replace(self, name=name, parts=(None,))
+        return replace(self, name=name, parts=self.parts if part == ALL_PARTS else (None,))
 
 
 EngineLayouts = Dict[str, ParameterLayout]

@@ -8,7 +8,7 @@ across ranks.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,18 @@ from .families import ties_word_embeddings
 
 
 class MaskedLMHead(nn.Module):
-    def __init__(self, config, word_embeddings):
+    """``activation`` (GELU), ``eps`` (``config.layer_norm_eps``) and the biases are the family's:
+    ModernBERT's head has its config's activation, ``norm_eps`` and optional biases."""
+
+    def __init__(self, config, word_embeddings, activation: Callable[[torch.Tensor], torch.Tensor] = F.gelu,
+                 eps: Optional[float] = None, dense_bias: bool = True, norm_bias: bool = True,
+                 decoder_bias: bool = True):
         super().__init__()
         self.tp_rank = get_tensor_model_parallel_rank()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=dense_bias)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps if eps is None else eps,
+                                       bias=norm_bias)
+        self.activation = activation
         if ties_word_embeddings(config):
             # Not registered as a submodule: the decoder is tied, the embedding owns the weight.
             self._embedding = [word_embeddings]
@@ -39,8 +46,11 @@ class MaskedLMHead(nn.Module):
             self.decoder = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
             self._embedding = [self.decoder]
         shard = word_embeddings.weight.shape[0]
-        self.bias = nn.Parameter(torch.zeros(shard), requires_grad=False)
-        self.bias.weight_loader = self._load_bias
+        if decoder_bias:
+            self.bias = nn.Parameter(torch.zeros(shard), requires_grad=False)
+            self.bias.weight_loader = self._load_bias
+        else:  # no checkpoint tensor: zeros, not a parameter (nothing to load, save or train)
+            self.register_buffer("bias", torch.zeros(shard), persistent=False)
         self.vocab_layout = None  # the vocabulary's ParameterLayout, set by the model once built
         self.linear = F.linear  # the engine's GEMM (engine/gemm.py), set by the model's use_linear
 
@@ -57,7 +67,7 @@ class MaskedLMHead(nn.Module):
         self.vocab_layout.local(param.data, self.tp_rank).copy_(loaded[self._rows()])
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.layer_norm(F.gelu(self.linear(hidden, self.dense.weight, self.dense.bias)))
+        return self.layer_norm(self.activation(self.linear(hidden, self.dense.weight, self.dense.bias)))
 
     def forward(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.transform(hidden)

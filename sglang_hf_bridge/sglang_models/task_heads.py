@@ -7,7 +7,7 @@ dropout is the identity in evaluation, so it has no module here.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +27,27 @@ class Pooler(nn.Module):
 
 
 class TaskHead(nn.Module):
-    """``[dense -> tanh ->] output``: RoBERTa's classification head with ``dense``, a plain linear
-    classifier (token classification, question answering, BERT after its pooler) without."""
+    """``[dense -> activation [-> norm] ->] output``: RoBERTa's classification head (dense + tanh),
+    ModernBERT's prediction head + classifier (dense -> its activation -> LayerNorm), a plain linear
+    classifier (token classification, question answering, BERT after its pooler) without a dense."""
 
-    def __init__(self, hidden_size: int, num_outputs: int, dense: bool):
+    def __init__(self, hidden_size: int, num_outputs: int, dense: bool,
+                 activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh, dense_bias: bool = True,
+                 norm: Optional[nn.LayerNorm] = None):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size) if dense else None
+        self.dense = nn.Linear(hidden_size, hidden_size, bias=dense_bias) if dense else None
+        self.activation = activation
+        self.norm = norm
         self.output = nn.Linear(hidden_size, num_outputs)
 
     def forward(self, x: torch.Tensor, own: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """``own``: an adapter's tensors (``dense.weight``, ``output.weight`` ...) in place of the module's."""
         own = own or {}
         if self.dense is not None:
-            x = torch.tanh(_linear(x, self.dense, "dense", own))
+            x = self.activation(_linear(x, self.dense, "dense", own))
+        if self.norm is not None:
+            x = F.layer_norm(x, self.norm.normalized_shape, own.get("norm.weight", self.norm.weight),
+                             own.get("norm.bias", self.norm.bias), self.norm.eps)
         return _linear(x, self.output, "output", own)
 
 

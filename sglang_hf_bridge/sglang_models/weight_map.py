@@ -75,7 +75,7 @@ def _head_rows(dense: str, norm: str, bias: str, decoder: str) -> List[Row]:
 
 # Names transformers' task classes write outside the base model, for every head of every family
 # (a checkpoint name starting with one of these is a head tensor, never an encoder one).
-TOP_LEVEL_PREFIXES = ("lm_head.", "cls.", "classifier.", "qa_outputs.")
+TOP_LEVEL_PREFIXES = ("lm_head.", "cls.", "classifier.", "qa_outputs.", "head.", "decoder.")
 _POOLER = re.compile(r"^pooler\.")
 
 
@@ -98,6 +98,15 @@ class WeightMap:
     ignored: Tuple["re.Pattern[str]", ...] = (re.compile(r"^embeddings\.position_ids$"), _POOLER)
     head: str = "masked_lm"
     head_prefixes: Tuple[str, ...] = ()
+    encoder_rows: Tuple[Row, ...] = tuple(ENCODER_ROWS)  # the base model's rows (other heads reuse them)
+    # LoRA: (engine module, HF module under ``{layer_prefix}.N.``) pairs PEFT can target.
+    lora_modules: Tuple[Tuple[str, str], ...] = ()
+    layer_prefix: str = "encoder.layer"
+
+    @property
+    def lora_base_modules(self) -> Tuple[str, ...]:
+        """The engine layers SGLang's LoRA manager wraps for this family."""
+        return tuple(dict.fromkeys(LORA_TARGETS[m].base for m, _ in self.lora_modules))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_forward", [(_pattern(c), e, s) for c, e, s in self.rows])
@@ -128,17 +137,27 @@ class WeightMap:
             return checkpoint_name
         return self._under_base(checkpoint_name)
 
+    @property
+    def bias_is_decoders(self) -> bool:
+        """The head's bias is the decoder's own (ModernBERT's ``decoder.bias``), not a separate
+        tensor tied to it (RoBERTa's ``lm_head.bias`` / ``lm_head.decoder.bias``)."""
+        return self.head_decoder is not None and self.head_bias == f"{self.head_decoder}.bias"
+
     def skipped_when_loading(self, tied: bool) -> Tuple[str, ...]:
         """Tied: the decoder copies are redundant. Untied: HF's forward uses the decoder's bias."""
         if self.head_decoder is None:
             return ()
+        if self.bias_is_decoders:
+            return (f"{self.head_decoder}.weight",) if tied else ()
         if tied:
             return (f"{self.head_decoder}.weight", f"{self.head_decoder}.bias")
         return (self.head_bias,)
 
     def saved_duplicates(self, tied: bool) -> Tuple[str, ...]:
         """Names HF does not store (tied to another saved tensor)."""
-        return (f"{self.head_decoder}.bias",) if tied and self.head_decoder is not None else ()
+        if self.head_decoder is None or self.bias_is_decoders or not tied:
+            return ()
+        return (f"{self.head_decoder}.bias",)
 
     def checkpoint_to_engine_name(self, name: str) -> Optional[Tuple[str, Optional[str]]]:
         """Map one checkpoint tensor name to ``(engine_name, shard_id)``; None if ignored.
@@ -181,12 +200,22 @@ class Split:
 
 
 QKV_SHARDS = ("q", "k", "v")
+# GeGLU's fused up-projection (ModernBERT's ``Wi``): the half act() is applied to, then the gate.
+GATE_UP_SHARDS = ("input", "gate")
+# The shard id of a row whose one checkpoint tensor holds every fused part, stacked along dim 0
+# (ModernBERT's ``Wqkv`` = [q; k; v], ``Wi`` = [input; gate]): loaded part by part, saved whole.
+ALL_PARTS = "*"
+# What SGLang's weight loader calls each part (QKVParallelLinear: "q"/"k"/"v";
+# MergedColumnParallelLinear: the index of the output size).
+LOADER_SHARD_IDS = {"input": 0, "gate": 1}
 SPLITS = {
     "qkv_proj.weight": Split(0, QKV_SHARDS),
     "qkv_proj.bias": Split(0, QKV_SHARDS),
     "o_proj.weight": Split(1),
     "fc_in.weight": Split(0, sized_by="intermediate"),
     "fc_in.bias": Split(0, sized_by="intermediate"),
+    "gate_up_proj.weight": Split(0, GATE_UP_SHARDS, sized_by="intermediate"),
+    "gate_up_proj.bias": Split(0, GATE_UP_SHARDS, sized_by="intermediate"),
     "down_proj.weight": Split(1, sized_by="intermediate"),
     "word_embeddings.weight": Split(0, sized_by="vocab"),
     "lm_head.bias": Split(0, sized_by="vocab"),
@@ -210,9 +239,15 @@ class LoraTarget:
         return f"layers.{layer}.{self.parent}.{self.base}.weight"
 
     @property
+    def fused(self) -> bool:
+        """One adapter matrix pair over every part of a fused layer (ModernBERT's ``Wqkv``, ``Wi``):
+        PEFT's A is shared by the parts (SGLang keeps one copy per part), its B stacks them."""
+        return self.part == ALL_PARTS
+
+    @property
     def slice_index(self) -> int:
         """Where this target sits in SGLang's stacked buffer of ``base``."""
-        return QKV_SHARDS.index(self.part) if self.part else 0
+        return QKV_SHARDS.index(self.part) if self.part and not self.fused else 0
 
 
 LORA_TARGETS = {t.module: t for t in (
@@ -222,11 +257,15 @@ LORA_TARGETS = {t.module: t for t in (
     LoraTarget("o_proj", "attention.output.dense", "self_attn", "o_proj"),
     LoraTarget("fc_in", "intermediate.dense", "mlp", "fc_in"),
     LoraTarget("down_proj", "output.dense", "mlp", "down_proj"),
+    LoraTarget("qkv_proj", "attn.Wqkv", "self_attn", "qkv_proj", ALL_PARTS),
+    LoraTarget("gate_up_proj", "mlp.Wi", "mlp", "gate_up_proj", ALL_PARTS),
 )}
-# Engine module -> the HF module it stands for; the engine layers SGLang's LoRA manager wraps.
-LORA_MODULES = {m: t.hf_module for m, t in LORA_TARGETS.items()}
-LORA_BASE_MODULES = tuple(dict.fromkeys(t.base for t in LORA_TARGETS.values()))
-FUSED_QKV_TARGETS = tuple(m for m, t in LORA_TARGETS.items() if t.part)
+# RoBERTa's / BERT's engine modules -> the HF modules they stand for (under ``encoder.layer.N.``).
+ENCODER_LORA_MODULES = tuple((m, LORA_TARGETS[m].hf_module)
+                             for m in ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "down_proj"))
+LORA_MODULES = dict(ENCODER_LORA_MODULES)
+LORA_BASE_MODULES = tuple(dict.fromkeys(LORA_TARGETS[m].base for m in LORA_MODULES))
+FUSED_QKV_TARGETS = tuple(m for m, t in LORA_TARGETS.items() if t.part and not t.fused)
 
 
 ROBERTA = WeightMap(
@@ -239,6 +278,7 @@ ROBERTA = WeightMap(
     head_decoder="lm_head.decoder",
     rows=tuple(ENCODER_ROWS + _head_rows("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder")),
     head_prefixes=("lm_head.",),
+    lora_modules=ENCODER_LORA_MODULES,
 )
 BERT = WeightMap(
     family="bert",
@@ -254,9 +294,57 @@ BERT = WeightMap(
     ignored=(re.compile(r"^embeddings\.position_ids$"), re.compile(r"^pooler\."),
              re.compile(r"^cls\.seq_relationship\.")),
     head_prefixes=("cls.predictions.",),
+    lora_modules=ENCODER_LORA_MODULES,
+)
+# ModernBERT: pre-norm layers, fused ``Wqkv`` and GeGLU ``Wi`` (each one checkpoint tensor over
+# the engine's fused parts), no position or token-type embeddings (rotary positions), a final norm.
+# Biases and norm biases exist only when the config asks for them; rows without a tensor never match.
+MODERNBERT_ENCODER_ROWS: List[Row] = [
+    ("embeddings.tok_embeddings.weight", "embeddings.word_embeddings.weight", None),
+    ("embeddings.norm.weight", "embeddings.layer_norm.weight", None),
+    ("embeddings.norm.bias", "embeddings.layer_norm.bias", None),
+    ("layers.{i}.attn_norm.weight", "layers.{i}.attn_norm.weight", None),
+    ("layers.{i}.attn_norm.bias", "layers.{i}.attn_norm.bias", None),
+    ("layers.{i}.attn.Wqkv.weight", "layers.{i}.self_attn.qkv_proj.weight", ALL_PARTS),
+    ("layers.{i}.attn.Wqkv.bias", "layers.{i}.self_attn.qkv_proj.bias", ALL_PARTS),
+    ("layers.{i}.attn.Wo.weight", "layers.{i}.self_attn.o_proj.weight", None),
+    ("layers.{i}.attn.Wo.bias", "layers.{i}.self_attn.o_proj.bias", None),
+    ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.weight", None),
+    ("layers.{i}.mlp_norm.bias", "layers.{i}.mlp_norm.bias", None),
+    ("layers.{i}.mlp.Wi.weight", "layers.{i}.mlp.gate_up_proj.weight", ALL_PARTS),
+    ("layers.{i}.mlp.Wi.bias", "layers.{i}.mlp.gate_up_proj.bias", ALL_PARTS),
+    ("layers.{i}.mlp.Wo.weight", "layers.{i}.mlp.down_proj.weight", None),
+    ("layers.{i}.mlp.Wo.bias", "layers.{i}.mlp.down_proj.bias", None),
+    ("final_norm.weight", "final_norm.weight", None),
+    ("final_norm.bias", "final_norm.bias", None),
+]
+MODERNBERT = WeightMap(
+    family="modernbert",
+    hf_prefix="model",
+    accepted_prefixes=("model.",),
+    head_prefix="head.",
+    head_dense_module="head.dense",
+    head_bias="decoder.bias",
+    head_decoder="decoder",
+    rows=tuple(MODERNBERT_ENCODER_ROWS + [
+        ("head.dense.weight", "lm_head.dense.weight", None),
+        ("head.dense.bias", "lm_head.dense.bias", None),
+        ("head.norm.weight", "lm_head.layer_norm.weight", None),
+        ("head.norm.bias", "lm_head.layer_norm.bias", None),
+        ("decoder.weight", "lm_head.decoder.weight", None),
+        ("decoder.bias", "lm_head.bias", None),
+    ]),
+    ignored=(),
+    head_prefixes=("head.", "decoder."),
+    encoder_rows=tuple(MODERNBERT_ENCODER_ROWS),
+    # PEFT's names: "Wo" is both the attention's and the MLP's output (its matching rules tell them
+    # apart by the full module path); Wqkv and Wi are fused (one A shared by their parts).
+    lora_modules=(("qkv_proj", "attn.Wqkv"), ("o_proj", "attn.Wo"), ("gate_up_proj", "mlp.Wi"),
+                  ("down_proj", "mlp.Wo")),
+    layer_prefix="layers",
 )
 # Every base-model prefix any family uses (PEFT adapter keys may carry any of them).
-BASE_MODEL_PREFIXES = tuple(dict.fromkeys(p for m in (ROBERTA, BERT) for p in m.accepted_prefixes))
+BASE_MODEL_PREFIXES = tuple(dict.fromkeys(p for m in (ROBERTA, BERT, MODERNBERT) for p in m.accepted_prefixes))
 
 
 def head_weight_map(masked_lm: WeightMap, head_name: str) -> WeightMap:
@@ -275,7 +363,7 @@ def head_weight_map(masked_lm: WeightMap, head_name: str) -> WeightMap:
             masked_lm, hf_prefix=masked_lm.hf_prefix if head.under_base else "", head=head_name,
             head_prefix=(top_level_prefixes(shape) or ("pooler.",))[0], head_prefixes=top_level_prefixes(shape),
             head_dense_module=None, head_bias=None, head_decoder=None, ignored=ignored,
-            rows=tuple(ENCODER_ROWS + task_head_rows(shape)))
+            rows=tuple(masked_lm.encoder_rows) + tuple(task_head_rows(shape)))
     return _HEAD_MAPS[key]
 
 

@@ -16,8 +16,9 @@ from ..engine import NamedSlice, add_scaled_directions, fill_direction, zo_updat
 
 
 def no_decay_names(names: Sequence[str]) -> List[str]:
-    """MeZO / HF convention: no weight decay on biases and LayerNorm weights."""
-    return [n for n in names if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
+    """MeZO / HF convention: no weight decay on biases and LayerNorm weights (ModernBERT's are
+    ``...norm.weight``: ``attn_norm``, ``mlp_norm``, ``final_norm``, ``head.norm``)."""
+    return [n for n in names if n.endswith(("bias", "norm.weight")) or "LayerNorm" in n or "layer_norm" in n]
 
 
 HALF_PRECISION_FULL_PARAMETER = (
@@ -67,7 +68,7 @@ class EngineAdapterTarget:
         loaded = model.adapter_info(adapter_name)
         self.lora_id = loaded.lora_id
         prefix = model._head_names().hf_prefix
-        self.peft_names = {(l, m, w): engine_key_to_peft(l, m, w, prefix)
+        self.peft_names = {(l, m, w): engine_key_to_peft(l, m, w, prefix, model.config)
                            for (l, m) in loaded.spec.targets for w in "AB"}
         # The adapter's own task head (modules_to_save) is trained with it, as PEFT trains it.
         self.peft_names.update({("head", e): f"base_model.model.{hf}" for hf, e in model._head_rows(loaded.spec)})
