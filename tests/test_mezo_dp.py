@@ -40,6 +40,8 @@ JOBS = {
     # a sequence classifier from its labels (a new head from the MLM checkpoint, the same on every
     # rank: the script seeds before loading, as run_glue.py does), every weight
     "cls": ("cls", 3, 3, {}),
+    # another zeroth-order method (its state on every process, updated identically: no traffic)
+    "adam": ("lora", 3, 3, {"zo_optimizer": "adam"}),
 }
 DROPPED = {3, 13, 14, 15}  # positions in the global batch of 16 that "uneven" drops
 
@@ -291,7 +293,7 @@ def setup(tmp_path_factory):
 def runs(setup, tmp_path_factory):
     """One torchrun launch (2 x 8) and one single process (1 x 16), same jobs."""
     ckpt, adapter = setup
-    jobs = "full,lora,uneven,lora4,resume,cls"
+    jobs = "full,lora,uneven,lora4,resume,cls,adam"
     dp, ref = tmp_path_factory.mktemp("dp"), tmp_path_factory.mktemp("ref")
     rc, output, seconds = _launch(dp, ckpt, adapter, jobs, nproc=2)
     assert rc == 0, output[-6000:]
@@ -454,7 +456,7 @@ def test_each_rank_gets_its_shard_of_every_global_batch(runs):
 
 
 @pytest.mark.parametrize("job, checkpoint", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors"),
-                                             ("cls", "model.safetensors")])
+                                             ("cls", "model.safetensors"), ("adam", "adapter_model.safetensors")])
 def test_two_processes_match_one_process_on_the_same_examples(runs, setup, job, checkpoint):
     dp = _tensors(runs.dp / job / "checkpoint-3" / checkpoint)
     ref = _tensors(runs.ref / job / "checkpoint-3" / checkpoint)

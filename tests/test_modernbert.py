@@ -566,3 +566,28 @@ def test_sparse_prediction_as_transformers(tmp_path):
             assert abs(out.loss.item() - ref.loss.item()) <= TOL
         full = model(input_ids=ids, attention_mask=mask)  # no labels: every position, as transformers
         assert full.logits.shape == (2, 40, 512)
+
+
+def test_sentence_transformers_on_a_modernbert_backbone(tmp_path):
+    """An embedding model built as ModernBERT embedders are published (ModernBertModel + mean
+    pooling + normalisation): ``use_sglang_engine`` gives sentence-transformers' embeddings."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer
+
+    from sglang_hf_bridge.integrations.sentence_transformers import use_sglang_engine
+
+    build(tmp_path, ModernBertModel, vocab_size=50368, pad_token_id=1, mask_token_id=50264, bos_token_id=0,
+          cls_token_id=0, eos_token_id=2, sep_token_id=2, **SMALL)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path)  # with tokenizer.json, as published
+
+    def embedder():
+        return SentenceTransformer(modules=[models.Transformer(str(tmp_path)), models.Pooling(64, "mean"),
+                                            models.Normalize()], device="cpu")
+
+    texts = ["a short query", "a much longer document, " * 60, "and a third one"]
+    theirs = embedder().encode(texts, convert_to_tensor=True)
+    ours = use_sglang_engine(embedder())
+    try:
+        assert max_abs_diff(ours.encode(texts, convert_to_tensor=True), theirs) <= TOL
+    finally:
+        ours.close_engines()

@@ -13,7 +13,15 @@ engine only through this interface:
 """
 
 from .config import EngineConfig, LoRAEngineConfig
-from .directions import NamedSlice, add_scaled_directions, fill_direction, zo_update
+from .directions import (
+    NamedSlice,
+    add_scaled_directions,
+    fill_direction,
+    method_perturb,
+    method_prepare,
+    method_update,
+    zo_update,
+)
 from .gemm import PATHS as GEMM_PATHS
 from .runtime import EncoderRuntime
 from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, QueryOnlySpec, SequenceResult
@@ -21,10 +29,15 @@ from .versions import HEAD, base_layer_of, min_layer_of
 from .weights import (
     hf_parameter_slices,
     rank_copy_adapter,
+    rank_method_perturb,
+    rank_method_prepare,
+    rank_method_state,
+    rank_method_update,
     rank_perturb_adapter,
     rank_perturb_weights,
     rank_set_adapter_tensors,
     rank_set_hf_tensors,
+    rank_set_method_state,
     rank_update_adapter,
     rank_update_weights,
 )
@@ -33,6 +46,8 @@ __all__ = [
     "EngineConfig", "LoRAEngineConfig", "EncoderRuntime", "GEMM_PATHS",
     "EncoderCall", "EncoderResult", "EncoderSequence", "Logits", "QueryOnlySpec", "SequenceResult",
     "NamedSlice", "add_scaled_directions", "fill_direction", "zo_update", "hf_parameter_slices",
+    "method_perturb", "method_prepare", "method_update", "rank_method_perturb", "rank_method_prepare",
+    "rank_method_state", "rank_method_update", "rank_set_method_state",
     "HEAD", "base_layer_of", "min_layer_of",
     "rank_copy_adapter", "rank_perturb_adapter", "rank_perturb_weights", "rank_set_adapter_tensors",
     "rank_set_hf_tensors", "rank_update_adapter", "rank_update_weights",

@@ -147,3 +147,58 @@ def zo_update(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int, lr
             s.view.sub_(z, alpha=lr * projected_grad)
 
     for_each_direction(slices, names, seed, apply)
+
+
+# ---- any zeroth-order method (training/zo_methods.py's protocol) ---------------------------------
+# ``store``: name -> the method's state for that tensor, kept by whoever holds the tensors (a rank,
+# the trainer for torch models and float32 master copies). MeZO's ZO-SGD keeps the fused path above.
+def method_prepare(slices: Dict[str, NamedSlice], names: Sequence[str], method, store: Dict[str, dict]) -> None:
+    """At the unperturbed weights, before a step's perturbations: state allocated on first use,
+    then the method's per-step preparation (Sparse MeZO's mask)."""
+    with torch.no_grad():
+        for name in names:
+            s = slices[name]
+            state = store.get(name)
+            if state is None:
+                state = store[name] = method.init_state(name, s.view)
+            method.prepare(name, s.view, state)
+
+
+def method_perturb(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int, scale: float, method,
+                   store: Dict[str, dict]) -> None:
+    """theta <- theta + scale * direction(z)."""
+    for_each_direction(slices, names, seed,
+                       lambda s, z: s.view.add_(method.direction(s.name, z, store[s.name]), alpha=scale))
+
+
+def method_update(slices: Dict[str, NamedSlice], names: Sequence[str], samples: Sequence[Tuple[int, float]],
+                  lr: float, weight_decay: float, no_decay: Sequence[str], method, store: Dict[str, dict],
+                  restore: Optional[Tuple[int, float]] = None) -> None:
+    """One update of every tensor from the step's directions: ``samples`` = (seed, g_i / n) pairs,
+    grad = sum of g_i / n * direction_i; ``restore`` = (seed, scale) first adds scale * that
+    direction (the end of the last perturbation). Whole or not at all, as :func:`for_each_direction`."""
+    no_decay = set(no_decay)
+
+    def one(name: str) -> None:
+        s, state = slices[name], store[name]
+        grad = None
+        for seed, g in samples:
+            d = method.direction(name, _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype), state)
+            if restore is not None and seed == restore[0]:
+                s.view.add_(d, alpha=restore[1])
+            grad = d * g if grad is None else grad.add_(d, alpha=g)
+        method.update(name, s.view, grad, lr, 0.0 if name in no_decay else weight_decay, state)
+
+    done: set = set()
+    try:
+        with torch.no_grad():
+            for name in names:
+                one(name)
+                done.add(name)
+    except BaseException:
+        if done:  # roll forward, as for_each_direction: there is no exact way back
+            with torch.no_grad():
+                for name in names:
+                    if name not in done:
+                        one(name)
+        raise

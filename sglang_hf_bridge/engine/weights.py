@@ -16,7 +16,7 @@ import torch
 
 from ..sglang_models.layout import lora_layout
 from ..sglang_models.weight_map import ALL_PARTS, LORA_TARGETS, weight_map_for
-from .directions import NamedSlice, add_scaled_directions, zo_update
+from .directions import NamedSlice, add_scaled_directions, method_perturb, method_prepare, method_update, zo_update
 from .versions import AdapterWrite, BaseWrite, writes
 
 
@@ -125,3 +125,65 @@ def rank_set_adapter_tensors(engine, lora_id: str, peft_names, state: Dict[str, 
     with torch.no_grad():
         for name, s in slices.items():
             s.view.copy_(state[name].reshape(s.full_shape)[s.index].to(s.view.dtype))
+
+
+# --- any zeroth-order method (training/zo_methods.py): its per-tensor state stays on the rank --------
+def _method_store(engine, key: str) -> Dict[str, dict]:
+    """This rank's method state for one set of trained tensors (``"base"`` or an adapter id)."""
+    stores = engine.__dict__.setdefault("zo_method_state", {})
+    return stores.setdefault(key, {})
+
+
+def _target_slices(engine, lora_id, peft_names):
+    if lora_id is None:
+        return hf_parameter_slices(engine.model)
+    return adapter_slices(engine, lora_id, peft_names)
+
+
+def _method_write(state_key, lora_id, peft_names, names, *_):
+    """What a method's perturb/update writes: the adapter, or the named base weights."""
+    return AdapterWrite(lora_id) if lora_id is not None else BaseWrite(names)
+
+
+@writes(None)
+def rank_method_prepare(engine, state_key: str, lora_id, peft_names, names, method) -> None:
+    method_prepare(_target_slices(engine, lora_id, peft_names), names, method, _method_store(engine, state_key))
+
+
+@writes(_method_write)
+def rank_method_perturb(engine, state_key: str, lora_id, peft_names, names, seed, scale, method) -> None:
+    method_perturb(_target_slices(engine, lora_id, peft_names), names, seed, scale, method,
+                   _method_store(engine, state_key))
+
+
+@writes(_method_write)
+def rank_method_update(engine, state_key: str, lora_id, peft_names, names, samples, lr, weight_decay, no_decay,
+                       method, restore=None) -> None:
+    method_update(_target_slices(engine, lora_id, peft_names), names, samples, lr, weight_decay, no_decay, method,
+                  _method_store(engine, state_key), restore)
+
+
+@writes(None)
+def rank_method_state(engine, state_key: str, lora_id, peft_names) -> Dict[str, Dict[str, tuple]]:
+    """This rank's share of the method state: name -> key -> (tensor copy, index in the full tensor,
+    full shape), or a scalar (index None)."""
+    slices = _target_slices(engine, lora_id, peft_names)
+    out = {}
+    for name, state in _method_store(engine, state_key).items():
+        s = slices[name]
+        out[name] = {k: (t.detach().cpu().clone(), s.index if t.dim() else None, s.full_shape)
+                     for k, t in state.items()}
+    return out
+
+
+@writes(None)
+def rank_set_method_state(engine, state_key: str, lora_id, peft_names, full: Dict[str, Dict[str, torch.Tensor]]):
+    """Restore method state from full tensors (a checkpoint): each rank takes its share."""
+    slices = _target_slices(engine, lora_id, peft_names)
+    store = _method_store(engine, state_key)
+    store.clear()
+    for name, state in full.items():
+        s = slices[name]
+        store[name] = {k: (t.reshape(s.full_shape)[s.index] if t.dim() else t).to(
+            s.view.device, s.view.dtype if t.is_floating_point() and t.dim() else t.dtype).clone()
+            for k, t in state.items()}

@@ -108,7 +108,7 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     vb = F.pad(v, (0, 0, window, tail + window)).unfold(1, span, block).permute(1, 0, 3, 2)
     i = torch.arange(block, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
-    band = (j >= i) & (j <= i + 2 * window)  # key at i + (j - window) - ... : |query - key| <= window
+    band = (j >= i) & (j <= i + 2 * window)  # query b*block+i, key b*block-window+j: |query - key| <= window
     key_pos = torch.arange(blocks, device=q.device)[:, None] * block - window + torch.arange(span, device=q.device)
     mask = band[None] & ((key_pos >= 0) & (key_pos < n))[:, None, :]
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)

@@ -11,6 +11,7 @@ batch (rows tagged per adapter).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -27,8 +28,12 @@ from ..process import deferred_interrupts
 from . import distributed
 from .prompts import PromptClassifier, float32_cross_entropy
 from .zo import EngineAdapterTarget, EngineWeightsTarget, TorchParametersTarget
+from .zo_methods import ZOMethod, is_plain_sgd, resolve_method
 
+logger = logging.getLogger(__name__)
 PLUS, MINUS = "__zo_plus__", "__zo_minus__"
+# A zeroth-order method's state in a checkpoint (training/zo_methods.py).
+METHOD_STATE_FILE, METHOD_CONFIG_FILE, METHOD_KEY_SEP = "zo_method_state.safetensors", "zo_method.json", "::"
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 _TRAINABLE_LINE = "  Number of trainable parameters = "
 
@@ -118,6 +123,18 @@ class MeZOTrainingArguments(TrainingArguments):
     zo_objective: Optional[str] = field(default=None, metadata={
         "help": "what MeZO minimises: 'cross_entropy' (default: the model's loss), 'negative_accuracy', or a "
                 "callable (logits, labels) -> one value per example, averaged over the (global) batch"})
+    # Typed str for HfArgumentParser; in Python a ZOMethod object (training/zo_methods.py) is accepted too.
+    zo_optimizer: Optional[str] = field(default="sgd", metadata={
+        "help": "the zeroth-order method: 'sgd' (MeZO), 'sign', 'momentum', 'adam', 'sparse', or a ZOMethod"})
+    zo_momentum: float = field(default=0.9, metadata={"help": "zo_optimizer='momentum': its coefficient"})
+    zo_adam_beta1: float = field(default=0.9, metadata={"help": "zo_optimizer='adam': beta1"})
+    zo_adam_beta2: float = field(default=0.999, metadata={"help": "zo_optimizer='adam': beta2"})
+    zo_adam_epsilon: float = field(default=1e-8, metadata={"help": "zo_optimizer='adam': epsilon"})
+    zo_sparsity: float = field(default=0.8, metadata={
+        "help": "zo_optimizer='sparse': the fraction of each tensor's entries left untouched (its largest)"})
+    zo_method_state_limit_mb: float = field(default=4096.0, metadata={
+        "help": "the most memory a zo_optimizer's state may take (Adam: 2 x the trained parameters); above it "
+                "training is refused before the first step"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "unused by MeZO (no gradients)"})
 
     def __post_init__(self):
@@ -128,6 +145,7 @@ class MeZOTrainingArguments(TrainingArguments):
             raise ValueError("zo_eps must be > 0 and zo_num_samples >= 1")
         if self.zo_top_layers < 0 or self.zo_frozen_cache_mb <= 0:
             raise ValueError("zo_top_layers must be >= 0 and zo_frozen_cache_mb > 0")
+        self.zo_method()  # a bad name or hyper-parameter is refused here, before training starts
         if not (self.zo_objective is None or callable(self.zo_objective) or self.zo_objective in OBJECTIVES):
             raise ValueError(f"zo_objective must be one of {sorted(OBJECTIVES)} or a callable (logits, labels) -> "
                              f"tensor, got {self.zo_objective!r}")
@@ -141,9 +159,20 @@ class MeZOTrainingArguments(TrainingArguments):
             self.use_cpu = True  # accelerate builds a multi-process CPU world only when told it is on CPU
         return TrainingArguments._setup_devices.func(self)
 
+    def zo_method(self) -> ZOMethod:
+        """``zo_optimizer`` resolved (one object per arguments: it carries what setup derived)."""
+        method = self.__dict__.get("_zo_method")
+        if method is None:
+            method = resolve_method(self.zo_optimizer, momentum=self.zo_momentum, beta1=self.zo_adam_beta1,
+                                    beta2=self.zo_adam_beta2, eps=self.zo_adam_epsilon, sparsity=self.zo_sparsity)
+            self.__dict__["_zo_method"] = method
+        return method
+
     def to_dict(self):
         d = super().to_dict()
         d["zo_objective"] = _objective_name(self.zo_objective)  # a callable is not JSON
+        d["zo_optimizer"] = self.zo_method().name
+        d.pop("_zo_method", None)
         return d
 
 
@@ -166,6 +195,7 @@ class MeZOTrainer(Trainer):
         if not isinstance(self.args, MeZOTrainingArguments):
             raise TypeError("MeZOTrainer needs MeZOTrainingArguments")
         self._zo_target = None
+        self._zo_method_ready = False  # the method's setup (from the whole weights) runs before step 1
         self.zo_history: List[Dict[str, float]] = []
         # MeZO averages its objective itself (sums and counts, one all-reduce across processes). The
         # Trainer's num_items_in_batch scaling is backprop's: it gathers a count every step and, with
@@ -255,7 +285,9 @@ class MeZOTrainer(Trainer):
         target = self.zo_target()
         if isinstance(target, EngineAdapterTarget):
             matrices = target.model.runtime.adapter_matrices(target.lora_id)
-            shapes = [matrices[(layer, module)]["AB".index(which)].shape for layer, module, which in target.peft_names]
+            head = target.model.runtime.adapter(target.lora_id).head  # the adapter's own head, if any
+            shapes = [head[key[1]].shape if key[0] == "head" else matrices[key[:2]]["AB".index(key[2])].shape
+                      for key in target.peft_names]
         elif isinstance(target, EngineWeightsTarget):
             slices = hf_parameter_slices(target.model.runtime.model)
             shapes = [slices[n].full_shape for n in target.names]
@@ -307,12 +339,12 @@ class MeZOTrainer(Trainer):
             return float(loss) * count, count
         return objective_sum(objective, out["logits"] if isinstance(out, dict) else out.logits, labels)
 
-    def _paired_sums(self, target: EngineAdapterTarget, inputs, seed: int) -> Tuple[float, float, int]:
+    def _paired_sums(self, target: EngineAdapterTarget, inputs, seed: int, method=None) -> Tuple[float, float, int]:
         plus_id, minus_id = self._ensure_scratch_adapters(target)
         eps = self.args.zo_eps
         for lora_id, sign in ((plus_id, 1.0), (minus_id, -1.0)):
             target.model.runtime.collective_rpc(rank_copy_adapter, target.lora_id, lora_id)
-            target.perturb(seed, sign * eps, lora_id=lora_id)
+            target.perturb(seed, sign * eps, lora_id=lora_id, **({"method": method} if method is not None else {}))
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
         B = ids.shape[0]
         both = torch.cat([ids, ids]), (torch.cat([mask, mask]) if mask is not None else None)
@@ -339,18 +371,26 @@ class MeZOTrainer(Trainer):
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else args.learning_rate
         step = self.state.global_step
         paired = self._paired()
+        method = None if is_plain_sgd(args.zo_method()) else args.zo_method()  # None: MeZO's fused path
+        with_method = {"method": method} if method is not None else {}
+        if method is not None:
+            if not self._zo_method_ready:
+                self._check_method_memory(method)
+                method.setup(target.full_tensors())
+                self._zo_method_ready = True
+            target.prepare(method)
         sums_plus, sums_minus, seeds, count = [], [], [], 0
         for i in range(n):
             seed = step_seed(args.seed, step, i)
             if paired:
-                s_plus, s_minus, count = self._paired_sums(target, inputs, seed)
+                s_plus, s_minus, count = self._paired_sums(target, inputs, seed, method)
             else:
-                target.perturb(seed, eps)
+                target.perturb(seed, eps, **with_method)
                 s_plus, count = self._objective_sum(model, inputs)
-                target.perturb(seed, -2 * eps)
+                target.perturb(seed, -2 * eps, **with_method)
                 s_minus, _ = self._objective_sum(model, inputs)
                 if i < n - 1:
-                    target.perturb(seed, eps)  # restore; the last sample restores inside its update
+                    target.perturb(seed, eps, **with_method)  # restore; the last sample restores in its update
             sums_plus.append(s_plus if count else 0.0)  # nothing labelled here (NaN mean): add nothing
             sums_minus.append(s_minus if count else 0.0)
             seeds.append(seed)
@@ -360,7 +400,7 @@ class MeZOTrainer(Trainer):
                 totals = self.zo_data_parallel.sum(totals, step)
             except BaseException:
                 if not paired:
-                    target.perturb(seeds[-1], eps)  # leave theta, not theta - eps z, behind
+                    target.perturb(seeds[-1], eps, **with_method)  # leave theta, not theta - eps z, behind
                 raise
         count = totals[-1]
         means = [t / count if count else float("nan") for t in totals[:-1]]
@@ -369,7 +409,11 @@ class MeZOTrainer(Trainer):
         # The last sample's update goes first: it restores theta from theta - eps z in the same
         # pass over z, and applies weight decay to the restored theta (as Algorithm 1 does).
         restore = 0.0 if paired else eps
-        for i in reversed(range(n)):
+        if method is not None:  # one update from every direction, by the method's rule
+            samples = [(seeds[i], method.projected_gradient(grads[i]) / n) for i in range(n)]
+            target.method_update(samples, lr, args.weight_decay, method,
+                                 restore=None if paired else (seeds[-1], eps))
+        for i in reversed(range(n) if method is None else ()):
             last = i == n - 1
             target.update(seeds[i], lr, grads[i] / n, args.weight_decay if last else 0.0,
                           restore=restore if last else 0.0)
@@ -392,6 +436,53 @@ class MeZOTrainer(Trainer):
             args = copy.copy(args)
             args.zo_objective = _objective_name(self.args.zo_objective)
         torch.save(args, os.path.join(output_dir, "training_args.bin"))
+        self._save_method_state(output_dir)
+
+    def _check_method_memory(self, method) -> None:
+        """Say what the method's state will take, and refuse it above the user's limit."""
+        mib = method.state_bytes_per_parameter * self.zo_num_parameters() / 2**20
+        if mib > self.args.zo_method_state_limit_mb:
+            raise MemoryError(
+                f"zo_optimizer={method.name!r} keeps {method.state_bytes_per_parameter:g} bytes of state per trained "
+                f"parameter: {mib:,.0f} MiB for the {self.zo_num_parameters():,} trained here, above "
+                f"zo_method_state_limit_mb={self.args.zo_method_state_limit_mb:g}. Raise the limit, train fewer "
+                "tensors (LoRA, zo_top_layers), or use a stateless method ('sgd', 'sign')")
+        if mib:
+            logger.info("zo_optimizer=%r: %.0f MiB of method state for %s trained parameters", method.name, mib,
+                        f"{self.zo_num_parameters():,}")
+
+    def _save_method_state(self, output_dir: str) -> None:
+        """A method other than MeZO's SGD: its hyper-parameters and setup (JSON) and its per-tensor
+        state (safetensors, whole tensors) beside the weights, so a resume continues its trajectory."""
+        method = self.args.zo_method()
+        if is_plain_sgd(method) or not self._zo_method_ready:
+            return
+        from safetensors.torch import save_file
+
+        state = self.zo_target().method_state()
+        flat = {f"{name}{METHOD_KEY_SEP}{key}": t.contiguous() for name, keys in state.items()
+                for key, t in keys.items() if key != "mask"}  # a step's mask is derived again
+        save_file(flat, os.path.join(output_dir, METHOD_STATE_FILE))
+        with open(os.path.join(output_dir, METHOD_CONFIG_FILE), "w") as f:
+            json.dump({"method": method.describe(), "setup": method.setup_state()}, f, indent=1, default=str)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         self.zo_target().load_checkpoint(resume_from_checkpoint)
+        config_file = os.path.join(resume_from_checkpoint, METHOD_CONFIG_FILE)
+        method = self.args.zo_method()
+        if is_plain_sgd(method) or not os.path.isfile(config_file):
+            return
+        from safetensors.torch import load_file
+
+        with open(config_file) as f:
+            saved = json.load(f)
+        if saved["method"].get("name") != method.name:
+            raise ValueError(f"{resume_from_checkpoint!r} was trained with "
+                             f"zo_optimizer={saved['method'].get('name')!r}, not {method.name!r}")
+        method.load_setup_state(saved.get("setup", {}))
+        state: Dict[str, Dict[str, torch.Tensor]] = {}
+        for flat, tensor in load_file(os.path.join(resume_from_checkpoint, METHOD_STATE_FILE)).items():
+            name, key = flat.split(METHOD_KEY_SEP)
+            state.setdefault(name, {})[key] = tensor
+        self.zo_target().set_method_state(state)
+        self._zo_method_ready = True

@@ -21,6 +21,37 @@ def no_decay_names(names: Sequence[str]) -> List[str]:
     return [n for n in names if n.endswith(("bias", "norm.weight")) or "LayerNorm" in n or "layer_norm" in n]
 
 
+def assemble_method_state(per_rank) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Every rank's share of a method's state (``rank_method_state``) -> full tensors per name
+    (as the trained tensors are shaped: a fused one as ``[parts, rows, ...]``), scalars once."""
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    for shares in per_rank:
+        for name, keys in shares.items():
+            for key, (tensor, index, full_shape) in keys.items():
+                if index is None:
+                    out.setdefault(name, {})[key] = tensor
+                    continue
+                if tensor.dim() > len(full_shape):  # a fused LoRA A's copies (one per part): equal
+                    tensor = tensor[0]
+                full = out.setdefault(name, {}).get(key)
+                if full is None:
+                    full = out[name][key] = torch.zeros(full_shape, dtype=tensor.dtype)
+                full[index] = tensor
+    return out
+
+
+def _local_store_state(store) -> Dict[str, Dict[str, torch.Tensor]]:
+    return {n: {k: t.detach().cpu().clone() for k, t in st.items()} for n, st in store.items()}
+
+
+def _set_local_store(store, slices, full) -> None:
+    store.clear()
+    for name, state in full.items():
+        view = slices[name].view
+        store[name] = {k: t.to(view.device, view.dtype if t.is_floating_point() and t.dim() else t.dtype).clone()
+                       for k, t in state.items()}
+
+
 HALF_PRECISION_FULL_PARAMETER = (
     "full-parameter MeZO on a {dtype} model is refused: {dtype} keeps ~3 significant digits, so most of "
     "the eps*z perturbation (eps=1e-3) and of each update is rounded away and the projected gradient is "
@@ -40,12 +71,34 @@ class EngineWeightsTarget:
         names = sorted(engine.hf_parameter_slices(model.runtime.model))
         self.names = [n for n in names if include is None or include(n)]
 
-    def perturb(self, seed: int, scale: float) -> None:
-        self.model.runtime.collective_rpc(engine.rank_perturb_weights, self.names, seed, scale)
+    def perturb(self, seed: int, scale: float, method=None) -> None:
+        if method is None:
+            self.model.runtime.collective_rpc(engine.rank_perturb_weights, self.names, seed, scale)
+        else:
+            self.model.runtime.collective_rpc(engine.rank_method_perturb, "base", None, None, self.names, seed,
+                                              scale, method)
 
     def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
         self.model.runtime.collective_rpc(engine.rank_update_weights, self.names, seed, lr, projected_grad,
                                           weight_decay, no_decay_names(self.names), restore)
+
+    # ---- any other zeroth-order method: its state stays on the ranks ------------------------------
+    def prepare(self, method) -> None:
+        self.model.runtime.collective_rpc(engine.rank_method_prepare, "base", None, None, self.names, method)
+
+    def method_update(self, samples, lr, weight_decay, method, restore=None) -> None:
+        self.model.runtime.collective_rpc(engine.rank_method_update, "base", None, None, self.names, samples, lr,
+                                          weight_decay, no_decay_names(self.names), method, restore)
+
+    def method_state(self):
+        return assemble_method_state(self.model.runtime.collective_rpc(engine.rank_method_state, "base", None, None))
+
+    def set_method_state(self, full) -> None:
+        self.model.runtime.collective_rpc(engine.rank_set_method_state, "base", None, None, full)
+
+    def full_tensors(self) -> Dict[str, torch.Tensor]:
+        wanted = set(self.names)
+        return {n: t for n, t in self.model.state_dict().items() if n in wanted}
 
     def load_checkpoint(self, directory: str) -> None:
         wanted = set(self.names)
@@ -81,7 +134,52 @@ class EngineAdapterTarget:
 
     # ---- float32 master copies (half-precision models) ------------------------------------------
     def _z(self, seed: int) -> Dict[str, torch.Tensor]:
-        return {n: fill_direction(torch.empty(t.shape), seed, n) for n, t in self.master.items()}
+        method = getattr(self, "_method", None)
+        z = {n: fill_direction(torch.empty(t.shape), seed, n) for n, t in self.master.items()}
+        if method is not None:
+            z = {n: method.direction(n, d, self._store[n]) for n, d in z.items()}
+        return z
+
+    def _master_slices(self) -> Dict[str, NamedSlice]:
+        return {n: NamedSlice(n, tuple(t.shape), t, (slice(None),) * t.dim()) for n, t in self.master.items()}
+
+    # ---- any other zeroth-order method: state on the ranks (float32 pool) or here (master copies) --
+    @property
+    def _store(self) -> Dict[str, dict]:
+        return self.__dict__.setdefault("_method_store", {})
+
+    def prepare(self, method) -> None:
+        if self.master is None:
+            self.model.runtime.collective_rpc(engine.rank_method_prepare, self.lora_id, self.lora_id,
+                                              self.peft_names, self.names, method)
+        else:
+            engine.method_prepare(self._master_slices(), self.names, method, self._store)
+
+    def method_update(self, samples, lr, weight_decay, method, restore=None) -> None:
+        if self.master is None:
+            self.model.runtime.collective_rpc(engine.rank_method_update, self.lora_id, self.lora_id, self.peft_names,
+                                              self.names, samples, lr, weight_decay, self.no_decay, method, restore)
+            return
+        engine.method_update(self._master_slices(), self.names, samples, lr, weight_decay, self.no_decay, method,
+                             self._store)  # the master copies were never perturbed: nothing to restore
+        self._method = method
+        self._write(self.lora_id, samples[-1][0], 0.0)
+
+    def method_state(self):
+        if self.master is not None:
+            return _local_store_state(self._store)
+        return assemble_method_state(self.model.runtime.collective_rpc(
+            engine.rank_method_state, self.lora_id, self.lora_id, self.peft_names))
+
+    def set_method_state(self, full) -> None:
+        if self.master is not None:
+            _set_local_store(self._store, self._master_slices(), full)
+        else:
+            self.model.runtime.collective_rpc(engine.rank_set_method_state, self.lora_id, self.lora_id,
+                                              self.peft_names, full)
+
+    def full_tensors(self) -> Dict[str, torch.Tensor]:
+        return dict(self.master) if self.master is not None else self.model.adapter_state_dict(self.adapter_name)
 
     def _write(self, lora_id: str, seed: int, offset: float) -> None:
         state = dict(self.master)
@@ -91,12 +189,17 @@ class EngineAdapterTarget:
         self._offsets[lora_id] = (seed, offset)
 
     # ---- the operations MeZOTrainer calls ------------------------------------------------------------
-    def perturb(self, seed: int, scale: float, lora_id: Optional[str] = None) -> None:
+    def perturb(self, seed: int, scale: float, lora_id: Optional[str] = None, method=None) -> None:
         lora_id = lora_id or self.lora_id
         if self.master is None:
-            self.model.runtime.collective_rpc(engine.rank_perturb_adapter, lora_id, self.peft_names,
-                                              self.names, seed, scale)
+            if method is None:
+                self.model.runtime.collective_rpc(engine.rank_perturb_adapter, lora_id, self.peft_names,
+                                                  self.names, seed, scale)
+            else:  # the trained adapter's state (its mask...) directs its scratch copies too
+                self.model.runtime.collective_rpc(engine.rank_method_perturb, self.lora_id, lora_id, self.peft_names,
+                                                  self.names, seed, scale, method)
             return
+        self._method = method
         # A scratch adapter (paired batches) was just copied from the trained one: offset 0.
         previous_seed, offset = self._offsets.get(lora_id, (seed, 0.0)) if lora_id == self.lora_id else (seed, 0.0)
         if previous_seed != seed and offset:
@@ -142,12 +245,36 @@ class TorchParametersTarget:
         }
         self.names = sorted(self.slices)
 
-    def perturb(self, seed: int, scale: float) -> None:
-        add_scaled_directions(self.slices, self.names, seed, scale)
+    def perturb(self, seed: int, scale: float, method=None) -> None:
+        if method is None:
+            add_scaled_directions(self.slices, self.names, seed, scale)
+        else:
+            engine.method_perturb(self.slices, self.names, seed, scale, method, self._store)
 
     def update(self, seed, lr, projected_grad, weight_decay, restore: float = 0.0) -> None:
         zo_update(self.slices, self.names, seed, lr, projected_grad, weight_decay, no_decay_names(self.names),
                   restore)
+
+    # ---- any other zeroth-order method ---------------------------------------------------------------
+    @property
+    def _store(self) -> Dict[str, dict]:
+        return self.__dict__.setdefault("_method_store", {})
+
+    def prepare(self, method) -> None:
+        engine.method_prepare(self.slices, self.names, method, self._store)
+
+    def method_update(self, samples, lr, weight_decay, method, restore=None) -> None:
+        engine.method_update(self.slices, self.names, samples, lr, weight_decay, no_decay_names(self.names), method,
+                             self._store, restore)
+
+    def method_state(self):
+        return _local_store_state(self._store)
+
+    def set_method_state(self, full) -> None:
+        _set_local_store(self._store, self.slices, full)
+
+    def full_tensors(self) -> Dict[str, torch.Tensor]:
+        return {n: s.view for n, s in self.slices.items()}
 
     def load_checkpoint(self, directory: str) -> None:
         with torch.no_grad():

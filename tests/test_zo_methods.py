@@ -1,0 +1,225 @@
+"""``MeZOTrainingArguments(zo_optimizer=...)``: each zeroth-order method equals its published rule,
+written here independently on transformers + plain torch with the same seeds and directions --
+ZO-Bench's construction (``p.grad = g * z``, then torch's own SGD / SGD-momentum / AdamW step), and
+Sparse MeZO's Algorithm 1 (magnitude thresholds fixed at the start, the mask derived from the weights
+every step) -- full-parameter on the engine and LoRA against PEFT; the method's state survives a
+resume; a user's method is a class."""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import max_abs_diff
+from test_heads import build_task_checkpoint
+from test_mezo import EPS, SEED, WD, RecordingMeZOTrainer, z_of
+from transformers import default_data_collator
+
+from sglang_hf_bridge import SGLangRobertaForSequenceClassification
+from sglang_hf_bridge.training import MeZOTrainingArguments
+from sglang_hf_bridge.training.zo_methods import ZOMethod
+
+LR, STEPS, SPARSITY = 1e-3, 4, 0.8
+
+
+def no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+
+
+def sparse_threshold(t: torch.Tensor) -> float:
+    flat = t.detach().abs().flatten()
+    return float(flat.kthvalue(max(1, math.ceil((1 - SPARSITY) * flat.numel()))).values)
+
+
+def reference(model, params, batches, method: str):
+    """The published rule, step by step: ZO-Bench's (perturb, two losses, restore, p.grad = g z,
+    torch optimizer step) or Sparse MeZO's Algorithm 1."""
+    groups = [{"params": [p for n, p in params.items() if not no_decay(n)], "weight_decay": WD},
+              {"params": [p for n, p in params.items() if no_decay(n)], "weight_decay": 0.0}]
+    optimizer = {"sign": lambda: torch.optim.SGD(groups, lr=LR),
+                 "momentum": lambda: torch.optim.SGD(groups, lr=LR, momentum=0.9),
+                 "adam": lambda: torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8),
+                 "sparse": lambda: None}[method]()
+    thresholds = {n: sparse_threshold(p) for n, p in params.items()}
+
+    def loss(batch):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return float(F.cross_entropy(logits, batch["labels"]))
+
+    grads = []
+    for step, batch in enumerate(batches):
+        seed = zlib.crc32(f"{SEED}:{step}:0".encode())
+        with torch.no_grad():
+            masks = {n: p.abs() <= thresholds[n] for n, p in params.items()}
+            directions = {n: z_of(seed, n, p.shape) * (masks[n] if method == "sparse" else 1)
+                          for n, p in params.items()}
+            for n, p in params.items():
+                p.add_(EPS * directions[n])
+            l_plus = loss(batch)
+            for n, p in params.items():
+                p.sub_(2 * EPS * directions[n])
+            l_minus = loss(batch)
+            for n, p in params.items():
+                p.add_(EPS * directions[n])
+            g = (l_plus - l_minus) / (2 * EPS)
+            grads.append(g)
+            if method == "sparse":  # theta -= lr (g m z + wd m theta)
+                for n, p in params.items():
+                    decay = 0.0 if no_decay(n) else WD
+                    p.sub_(LR * (g * directions[n] + decay * p * masks[n]))
+                continue
+            for n, p in params.items():
+                p.grad = (math.copysign(1.0, g) if method == "sign" else g) * directions[n]
+            optimizer.step()
+            for p in params.values():
+                p.grad = None
+    return grads
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    path = tmp_path_factory.mktemp("zo-methods")
+    hf = build_task_checkpoint(path, "roberta", "ForSequenceClassification", seed=61, num_labels=2,
+                               vocab_size=300, num_hidden_layers=2)
+    g = torch.Generator().manual_seed(67)
+    rows = []
+    for i in range(32):
+        n = int(torch.randint(4, 24, (1,), generator=g))
+        ids = torch.randint(3, 300, (24,), generator=g)
+        ids[0] = 0
+        rows.append({"input_ids": ids, "attention_mask": (torch.arange(24) < n).long(), "labels": i % 2})
+    return path, hf, rows
+
+
+def _args(out, method, **extra):
+    kwargs = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, learning_rate=LR,
+                  weight_decay=WD, lr_scheduler_type="constant", zo_eps=EPS, seed=SEED, report_to=[],
+                  save_strategy="no", logging_steps=1, use_cpu=True, zo_optimizer=method, zo_sparsity=SPARSITY)
+    return MeZOTrainingArguments(**{**kwargs, **extra})
+
+
+@pytest.mark.parametrize("method", ["sign", "momentum", "adam", "sparse"])
+def test_full_parameter_methods_equal_their_published_rule(classifier, tmp_path, method):
+    path, hf, rows = classifier
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path, method), train_dataset=rows,
+                                       data_collator=default_data_collator)
+        trainer.train()
+        ref_model = copy.deepcopy(hf)
+        params = dict(ref_model.named_parameters())
+        ref = reference(ref_model, params, trainer.seen, method)
+        for a, b in zip([h["projected_grads"][0] for h in trainer.zo_history], ref):
+            assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)
+        state = model.state_dict()
+        assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
+        assert max(max_abs_diff(state[n], p) for n, p in hf.named_parameters()) > 1e-5  # it trained
+        if method == "sparse":  # the largest 80 % of every tensor never moved
+            for n, p in hf.named_parameters():
+                frozen = p.abs() > sparse_threshold(p)
+                assert torch.equal(state[n][frozen], p.detach()[frozen]), n
+
+
+@pytest.mark.parametrize("method", ["adam", "sparse"])
+def test_lora_methods_equal_peft_under_the_same_rule(classifier, tmp_path, method):
+    from peft import LoraConfig, get_peft_model
+
+    from sglang_hf_bridge.training.mezo import _peft_saved_name
+
+    path, hf, rows = classifier
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                              target_modules=["query", "value"],
+                                                              init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with SGLangRobertaForSequenceClassification.from_pretrained(path) as model:
+        model.load_adapter(tmp_path / "adapter", adapter_name="task")
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path / "out", method, zo_trainable="lora"),
+                                       train_dataset=rows, data_collator=default_data_collator)
+        trainer.train()
+        params = {_peft_saved_name(n): p for n, p in peft_model.named_parameters()
+                  if "lora_" in n or "modules_to_save" in n}
+        ref = reference(peft_model, params, trainer.seen, method)
+        for a, b in zip([h["projected_grads"][0] for h in trainer.zo_history], ref):
+            assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)
+        tensors = model.adapter_tensors("task")
+        assert max(max_abs_diff(tensors[n], p) for n, p in params.items()) <= 1e-6
+
+
+def test_resume_continues_the_methods_trajectory(classifier, tmp_path):
+    """Adam's moments (and step count) are saved with the checkpoint: training 2 steps, then
+    resuming to 4, gives the weights of 4 uninterrupted steps."""
+    path, _, rows = classifier
+
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path / "whole", "adam"), train_dataset=rows,
+                                       data_collator=default_data_collator)
+        trainer.train()
+        whole = model.state_dict()
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
+        args = _args(tmp_path / "part", "adam", save_strategy="steps", save_steps=2)
+        args.max_steps = 2
+        RecordingMeZOTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator).train()
+    checkpoint = tmp_path / "part" / "checkpoint-2"
+    assert (checkpoint / "zo_method_state.safetensors").is_file()
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path / "part", "adam"), train_dataset=rows,
+                                       data_collator=default_data_collator)
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+        resumed = model.state_dict()
+    assert max(max_abs_diff(resumed[n], whole[n]) for n in whole) <= 1e-6
+
+
+class HalvedSign(ZOMethod):
+    """A user's rule, as a class: sign steps at half the learning rate."""
+
+    name = "halved-sign"
+
+    def projected_gradient(self, g: float) -> float:
+        return math.copysign(1.0, g) if g else 0.0
+
+    def update(self, name, theta, grad, lr, weight_decay, state):
+        super().update(name, theta, grad, lr / 2, weight_decay, state)
+
+
+def test_a_users_method_is_a_class(classifier, tmp_path):
+    """The protocol is the extension point: a subclass overriding two hooks trains as its rule says
+    (sign steps at half the learning rate = the sign reference at lr / 2)."""
+    path, hf, rows = classifier
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path, HalvedSign()), train_dataset=rows,
+                                       data_collator=default_data_collator)
+        trainer.train()
+        ref_model = copy.deepcopy(hf)
+        params = dict(ref_model.named_parameters())
+        global LR
+        saved, LR = LR, LR / 2
+        try:
+            reference(ref_model, params, trainer.seen, "sign")
+        finally:
+            LR = saved
+        state = model.state_dict()
+        assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
+
+
+def test_bad_method_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="zo_optimizer must be one of"):
+        MeZOTrainingArguments(output_dir=str(tmp_path), zo_optimizer="lbfgs", report_to=[])
+    with pytest.raises(ValueError, match="sparsity"):
+        MeZOTrainingArguments(output_dir=str(tmp_path), zo_optimizer="sparse", zo_sparsity=1.5, report_to=[])
+
+
+def test_state_above_the_limit_is_refused_before_training(classifier, tmp_path):
+    path, hf, rows = classifier
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
+        before = model.state_dict()
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path, "adam", zo_method_state_limit_mb=0.01),
+                                       train_dataset=rows, data_collator=default_data_collator)
+        with pytest.raises(MemoryError, match="zo_method_state_limit_mb"):
+            trainer.train()
+        after = model.state_dict()
+        assert all(torch.equal(before[n], after[n]) for n in before)  # nothing moved
