@@ -375,6 +375,10 @@ def test_result_cache_is_exact_and_follows_weight_changes(base_shape):
 # ---------------------------------------------------------------------------------------------- MeZO
 @pytest.mark.parametrize("mode", ["all", "head"])
 def test_mezo_trains_a_classifier_as_the_reference_on_transformers(tmp_path, mode):
+    check_mezo_classifier(tmp_path, mode, tp_size=1)
+
+
+def check_mezo_classifier(tmp_path, mode: str, tp_size: int):
     """MeZOTrainer on a ModernBERT classifier equals Algorithm 1 run on transformers' classifier
     with the same seeds and directions (the fused Wqkv / Wi drawn whole, under their HF names);
     ``zo_trainable="head"`` trains the prediction head, the classifier and the final norm over
@@ -400,7 +404,8 @@ def test_mezo_trains_a_classifier_as_the_reference_on_transformers(tmp_path, mod
                                  learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant", zo_eps=EPS,
                                  seed=SEED, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
                                  **({"zo_trainable": "head"} if mode == "head" else {}))
-    with SGLangAutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", device="cpu") as model:
+    with SGLangAutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", device="cpu",
+                                                                  tp_size=tp_size) as model:
         trainer = RecordingMeZOTrainer(model=model, args=args, train_dataset=rows,
                                        data_collator=default_data_collator)
         trainer.train()
@@ -491,6 +496,10 @@ def check_peft_adapters_per_row(tmp_path, tp_size: int):
 
 
 def test_add_adapter_and_mezo_on_lora_match_peft(tmp_path):
+    check_lora_mezo(tmp_path, tp_size=1)
+
+
+def check_lora_mezo(tmp_path, tp_size: int):
     """``add_adapter`` initialises fused targets as PEFT does (same seed, same tensors), and
     MeZOTrainer moves a ModernBERT classifier's LoRA (fused Wqkv / Wi, z drawn whole under PEFT's
     names, every copy of the shared A moved together) and its own head exactly as it moves the
@@ -524,10 +533,11 @@ def test_add_adapter_and_mezo_on_lora_match_peft(tmp_path):
         trainer.train()
         return trainer
 
-    with SGLangAutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", device="cpu") as model:
+    with SGLangAutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", device="cpu",
+                                                                  tp_size=tp_size) as model:
         torch.manual_seed(3)
         model.add_adapter(config, "task")
-        initial = model.adapter_tensors("task")
+        initial = model.adapter_state_dict("task")  # (adapter_tensors' views are tp_size=1's)
         for n, p in peft_model.named_parameters():
             if "lora_" in n or "modules_to_save" in n:
                 assert torch.equal(initial[_peft_saved_name(n)], p), n
@@ -536,7 +546,7 @@ def test_add_adapter_and_mezo_on_lora_match_peft(tmp_path):
         for a, b in zip(ours.zo_history, ref.zo_history):
             g_ours, g_ref = a["projected_grads"][0], b["projected_grads"][0]
             assert abs(g_ours - g_ref) <= 1e-3 * max(1.0, abs(g_ref))
-        tensors = model.adapter_tensors("task")
+        tensors = model.adapter_state_dict("task")
         expected = {_peft_saved_name(n): p for n, p in peft_model.named_parameters()
                     if "lora_" in n or "modules_to_save" in n}
         assert set(expected) == set(tensors)
