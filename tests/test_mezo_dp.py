@@ -42,6 +42,8 @@ JOBS = {
     "cls": ("cls", 3, 3, {}),
     # another zeroth-order method (its state on every process, updated identically: no traffic)
     "adam": ("lora", 3, 3, {"zo_optimizer": "adam"}),
+    # HiZOO's third loss (at theta) rides in the same all-reduce
+    "hizoo": ("lora", 3, 3, {"zo_optimizer": "hizoo", "zo_hizoo_alpha": 0.1}),
 }
 DROPPED = {3, 13, 14, 15}  # positions in the global batch of 16 that "uneven" drops
 
@@ -293,7 +295,7 @@ def setup(tmp_path_factory):
 def runs(setup, tmp_path_factory):
     """One torchrun launch (2 x 8) and one single process (1 x 16), same jobs."""
     ckpt, adapter = setup
-    jobs = "full,lora,uneven,lora4,resume,cls,adam"
+    jobs = "full,lora,uneven,lora4,resume,cls,adam,hizoo"
     dp, ref = tmp_path_factory.mktemp("dp"), tmp_path_factory.mktemp("ref")
     rc, output, seconds = _launch(dp, ckpt, adapter, jobs, nproc=2)
     assert rc == 0, output[-6000:]
@@ -456,11 +458,15 @@ def test_each_rank_gets_its_shard_of_every_global_batch(runs):
 
 
 @pytest.mark.parametrize("job, checkpoint", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors"),
-                                             ("cls", "model.safetensors"), ("adam", "adapter_model.safetensors")])
+                                             ("cls", "model.safetensors"), ("adam", "adapter_model.safetensors"),
+                                             ("hizoo", "adapter_model.safetensors")])
 def test_two_processes_match_one_process_on_the_same_examples(runs, setup, job, checkpoint):
     dp = _tensors(runs.dp / job / "checkpoint-3" / checkpoint)
     ref = _tensors(runs.ref / job / "checkpoint-3" / checkpoint)
-    assert _max_diff(dp, ref) <= 1e-6
+    # HiZOO's curvature |l+ + l- - 2 l0| / (2 eps^2) turns the ~1e-7 loss differences of other batch
+    # compositions (8 rows per engine batch vs 16) into ~5 % of H at eps = 1e-3: the same trajectory
+    # to 1e-4, not to MeZO's 1e-6 (measured 5.7e-6).
+    assert _max_diff(dp, ref) <= (1e-4 if job == "hizoo" else 1e-6)
     if job in ("full", "cls"):  # and training moved the weights
         start = _tensors(Path(setup[0]) / "model.safetensors")
         assert max(float((dp[k] - start[k]).abs().max()) for k in dp if k in start) > 1e-4
@@ -470,8 +476,9 @@ def test_two_processes_match_one_process_on_the_same_examples(runs, setup, job, 
     ref_grads = [h["projected_grads"][0] for h in _record(runs.ref, job, 0)["history"]]
     for g, r in zip((h["projected_grads"][0] for h in ours["history"]), ref_grads):
         assert abs(g - r) <= 1e-3 * max(1.0, abs(r))
-    # O(1) communication: one all-reduce of 2n + 1 float64 values per step
-    assert ours["reducer"] == {"calls": 3, "payload_bytes": 3 * 3 * 8}
+    # O(1) communication: one all-reduce of 2n + 1 float64 values per step (HiZOO: + the loss at theta)
+    values = 4 if job == "hizoo" else 3
+    assert ours["reducer"] == {"calls": 3, "payload_bytes": 3 * values * 8}
 
 
 def test_unequal_shards_and_n_spsa_average_over_the_global_batch(runs):

@@ -23,7 +23,7 @@ from sglang_hf_bridge import SGLangRobertaForSequenceClassification
 from sglang_hf_bridge.training import MeZOTrainingArguments
 from sglang_hf_bridge.training.zo_methods import ZOMethod
 
-LR, STEPS, SPARSITY = 1e-3, 4, 0.8
+LR, STEPS, SPARSITY, HIZOO_ALPHA = 1e-3, 4, 0.8, 0.1  # an alpha large enough that H matters in 4 steps
 
 
 def no_decay(name: str) -> bool:
@@ -35,46 +35,73 @@ def sparse_threshold(t: torch.Tensor) -> float:
     return float(flat.kthvalue(max(1, math.ceil((1 - SPARSITY) * flat.numel()))).values)
 
 
-def reference(model, params, batches, method: str):
+def reference(model, params, batches, method: str, samples: int = 1, steps=None):
     """The published rule, step by step: ZO-Bench's (perturb, two losses, restore, p.grad = g z,
-    torch optimizer step) or Sparse MeZO's Algorithm 1."""
+    torch optimizer step) or Sparse MeZO's Algorithm 1; with ``samples`` directions per step the
+    estimate is their mean (n-SPSA)."""
     groups = [{"params": [p for n, p in params.items() if not no_decay(n)], "weight_decay": WD},
               {"params": [p for n, p in params.items() if no_decay(n)], "weight_decay": 0.0}]
     optimizer = {"sign": lambda: torch.optim.SGD(groups, lr=LR),
                  "momentum": lambda: torch.optim.SGD(groups, lr=LR, momentum=0.9),
                  "adam": lambda: torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8),
-                 "sparse": lambda: None}[method]()
+                 "sparse": lambda: None, "hizoo": lambda: None}[method]()
     thresholds = {n: sparse_threshold(p) for n, p in params.items()}
+    hessian = {n: torch.ones_like(p) for n, p in params.items()}
 
     def loss(batch):
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return float(F.cross_entropy(logits, batch["labels"]))
+        return float(F.cross_entropy(logits.float(), batch["labels"]))
 
     grads = []
-    for step, batch in enumerate(batches):
-        seed = zlib.crc32(f"{SEED}:{step}:0".encode())
+    for step, batch in enumerate(batches[:steps]):
         with torch.no_grad():
             masks = {n: p.abs() <= thresholds[n] for n, p in params.items()}
-            directions = {n: z_of(seed, n, p.shape) * (masks[n] if method == "sparse" else 1)
-                          for n, p in params.items()}
-            for n, p in params.items():
-                p.add_(EPS * directions[n])
-            l_plus = loss(batch)
-            for n, p in params.items():
-                p.sub_(2 * EPS * directions[n])
-            l_minus = loss(batch)
-            for n, p in params.items():
-                p.add_(EPS * directions[n])
-            g = (l_plus - l_minus) / (2 * EPS)
-            grads.append(g)
+            estimate = {n: torch.zeros_like(p) for n, p in params.items()}
+            if method == "hizoo":  # the authors' zo_Hessian_step_update, one direction
+                seed = zlib.crc32(f"{SEED}:{step}:0".encode())
+                l_theta = loss(batch)
+                z = {n: z_of(seed, n, p.shape) for n, p in params.items()}
+                d = {n: z[n] / hessian[n].sqrt() for n in params}  # perturbed with the H before this step
+                for n, p in params.items():
+                    p.add_(EPS * d[n])
+                l_plus = loss(batch)
+                for n, p in params.items():
+                    p.sub_(2 * EPS * d[n])
+                l_minus = loss(batch)
+                for n, p in params.items():
+                    p.add_(EPS * d[n])
+                g = (l_plus - l_minus) / (2 * EPS)
+                grads.append(g)
+                curvature = abs(l_plus + l_minus - 2 * l_theta) / (2 * EPS ** 2)
+                for n, p in params.items():
+                    hessian[n] = (1 - HIZOO_ALPHA) * hessian[n] + HIZOO_ALPHA * curvature * hessian[n] * z[n] ** 2
+                    decay = 0.0 if no_decay(n) else WD
+                    p.sub_(LR * (g * z[n] / hessian[n].sqrt() + decay * p))
+                continue
+            for sample in range(samples):
+                seed = zlib.crc32(f"{SEED}:{step}:{sample}".encode())
+                directions = {n: z_of(seed, n, p.shape) * (masks[n] if method == "sparse" else 1)
+                              for n, p in params.items()}
+                for n, p in params.items():
+                    p.add_(EPS * directions[n])
+                l_plus = loss(batch)
+                for n, p in params.items():
+                    p.sub_(2 * EPS * directions[n])
+                l_minus = loss(batch)
+                for n, p in params.items():
+                    p.add_(EPS * directions[n])
+                g = (l_plus - l_minus) / (2 * EPS)
+                grads.append(g)
+                for n in params:
+                    estimate[n] += (math.copysign(1.0, g) if method == "sign" else g) * directions[n] / samples
             if method == "sparse":  # theta -= lr (g m z + wd m theta)
                 for n, p in params.items():
                     decay = 0.0 if no_decay(n) else WD
-                    p.sub_(LR * (g * directions[n] + decay * p * masks[n]))
+                    p.sub_(LR * (estimate[n] + decay * p * masks[n]))
                 continue
             for n, p in params.items():
-                p.grad = (math.copysign(1.0, g) if method == "sign" else g) * directions[n]
+                p.grad = estimate[n]
             optimizer.step()
             for p in params.values():
                 p.grad = None
@@ -99,11 +126,12 @@ def classifier(tmp_path_factory):
 def _args(out, method, **extra):
     kwargs = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, learning_rate=LR,
                   weight_decay=WD, lr_scheduler_type="constant", zo_eps=EPS, seed=SEED, report_to=[],
-                  save_strategy="no", logging_steps=1, use_cpu=True, zo_optimizer=method, zo_sparsity=SPARSITY)
+                  save_strategy="no", logging_steps=1, use_cpu=True, zo_optimizer=method, zo_sparsity=SPARSITY,
+                  zo_hizoo_alpha=HIZOO_ALPHA)
     return MeZOTrainingArguments(**{**kwargs, **extra})
 
 
-@pytest.mark.parametrize("method", ["sign", "momentum", "adam", "sparse"])
+@pytest.mark.parametrize("method", ["sign", "momentum", "adam", "sparse", "hizoo"])
 def test_full_parameter_methods_equal_their_published_rule(classifier, tmp_path, method):
     path, hf, rows = classifier
     with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
@@ -118,13 +146,17 @@ def test_full_parameter_methods_equal_their_published_rule(classifier, tmp_path,
         state = model.state_dict()
         assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
         assert max(max_abs_diff(state[n], p) for n, p in hf.named_parameters()) > 1e-5  # it trained
+        if method == "hizoo":  # the Hessian estimate moved away from its start (so the test sees it)
+            hessian = trainer.zo_target().method_state()
+            assert max(float((keys["hessian"] - 1).abs().max()) for keys in hessian.values()) > 1e-3
+            assert all("loss_at_theta" in h for h in trainer.zo_history)
         if method == "sparse":  # the largest 80 % of every tensor never moved
             for n, p in hf.named_parameters():
                 frozen = p.abs() > sparse_threshold(p)
                 assert torch.equal(state[n][frozen], p.detach()[frozen]), n
 
 
-@pytest.mark.parametrize("method", ["adam", "sparse"])
+@pytest.mark.parametrize("method", ["adam", "sparse", "hizoo"])
 def test_lora_methods_equal_peft_under_the_same_rule(classifier, tmp_path, method):
     from peft import LoraConfig, get_peft_model
 
@@ -223,3 +255,107 @@ def test_state_above_the_limit_is_refused_before_training(classifier, tmp_path):
             trainer.train()
         after = model.state_dict()
         assert all(torch.equal(before[n], after[n]) for n in before)  # nothing moved
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_prompt_lora_paired_batch_and_unpaired_give_the_same_trajectory(tmp_path, tokenizer, paired):
+    """The paired +/- batch (two scratch adapters in one engine batch) perturbs along the trained
+    adapter's method directions (Sparse MeZO's mask from the trained adapter), as the unpaired
+    passes do: both equal the reference on PEFT."""
+    from conftest import mezo_setup
+    from peft import LoraConfig, get_peft_model
+    from test_mezo import _train
+
+    from sglang_hf_bridge import SGLangRobertaForMaskedLM
+    from sglang_hf_bridge.training.prompts import PromptClassifier
+
+    path, hf, rows, template, label_ids = mezo_setup(_Factory(tmp_path), tokenizer, "zo-prompt", 16)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                              init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with SGLangRobertaForMaskedLM.from_pretrained(path) as model:
+        model.load_adapter(tmp_path / "adapter", adapter_name="task")
+        trainer = _train(model, tokenizer, rows, template, label_ids, tmp_path / "run", zo_paired_batch=paired,
+                         zo_optimizer="sparse", zo_sparsity=SPARSITY)
+        assert trainer._paired() is paired
+        params = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
+        clf = PromptClassifier(peft_model, label_ids, tokenizer.mask_token_id)
+        ref = reference(_PromptModel(clf), params, trainer.seen, "sparse", steps=3)
+        for a, b in zip([h["projected_grads"][0] for h in trainer.zo_history], ref):
+            assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)
+        tensors = model.adapter_tensors("task")
+        assert max(max_abs_diff(tensors[n], p) for n, p in params.items()) <= 1e-6
+
+
+class _Factory:
+    """tmp_path_factory's one method, for a helper that wants one."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        path = self.root / name
+        path.mkdir()
+        return path
+
+
+class _PromptModel:
+    """A prompt classifier seen as the reference's model: label-word logits and labels."""
+
+    def __init__(self, clf):
+        self.clf = clf
+
+    def __call__(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": self.clf.label_logits(input_ids, attention_mask)})()
+
+
+@pytest.mark.parametrize("method", ["adam", "sparse"])
+def test_n_spsa_averages_the_directions_into_one_update(classifier, tmp_path, method):
+    """zo_num_samples=2: the gradient estimate is the mean of g_i * direction_i, one update per step."""
+    path, hf, rows = classifier
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path, method, zo_num_samples=2, max_steps=2),
+                                       train_dataset=rows, data_collator=default_data_collator)
+        trainer.train()
+        ref_model = copy.deepcopy(hf)
+        params = dict(ref_model.named_parameters())
+        reference(ref_model, params, trainer.seen, method, samples=2)
+        state = model.state_dict()
+        assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
+
+
+def test_half_precision_lora_keeps_the_methods_state_on_float32_master_copies(classifier, tmp_path):
+    """A bf16 model's LoRA trains on float32 master copies: replaying the measured projected
+    gradients through torch's AdamW in float32 gives the masters exactly, and the engine holds
+    them rounded to bf16."""
+    from peft import LoraConfig, get_peft_model
+
+    path, hf, rows = classifier
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                              target_modules=["query", "value"],
+                                                              init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with SGLangRobertaForSequenceClassification.from_pretrained(path, dtype=torch.bfloat16) as model:
+        model.load_adapter(tmp_path / "adapter", adapter_name="task")
+        initial = {n: t.float() for n, t in model.adapter_state_dict("task").items()}  # the masters' start
+        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path / "out", "adam", zo_trainable="lora"),
+                                       train_dataset=rows, data_collator=default_data_collator)
+        trainer.train()
+        master = trainer.zo_target().master
+        params = {n: t.float().clone() for n, t in initial.items()}
+        optimizer = torch.optim.AdamW([{"params": [p for n, p in params.items() if not no_decay(n)],
+                                        "weight_decay": WD},
+                                       {"params": [p for n, p in params.items() if no_decay(n)], "weight_decay": 0.0}],
+                                      lr=LR, betas=(0.9, 0.999), eps=1e-8)
+        for step, record in enumerate(trainer.zo_history):
+            seed = zlib.crc32(f"{SEED}:{step}:0".encode())
+            for n, p in params.items():
+                p.grad = record["projected_grads"][0] * z_of(seed, n, p.shape)
+            optimizer.step()
+        assert set(master) == set(params)
+        assert max(max_abs_diff(master[n], p) for n, p in params.items()) <= 1e-6
+        assert max(max_abs_diff(master[n], initial[n]) for n in params) > 1e-5  # it trained
+        tensors = model.adapter_state_dict("task")
+        assert all(torch.equal(tensors[n], master[n].to(torch.bfloat16)) for n in params)

@@ -175,18 +175,20 @@ def method_update(slices: Dict[str, NamedSlice], names: Sequence[str], samples: 
                   lr: float, weight_decay: float, no_decay: Sequence[str], method, store: Dict[str, dict],
                   restore: Optional[Tuple[int, float]] = None) -> None:
     """One update of every tensor from the step's directions: ``samples`` = (seed, g_i / n) pairs,
-    grad = sum of g_i / n * direction_i; ``restore`` = (seed, scale) first adds scale * that
-    direction (the end of the last perturbation). Whole or not at all, as :func:`for_each_direction`."""
+    grad = sum of the method's ``gradient`` (by default g_i / n * direction_i); ``restore`` =
+    (seed, scale) first adds scale * that direction (the end of the last perturbation). Whole or not
+    at all, as :func:`for_each_direction`."""
     no_decay = set(no_decay)
 
     def one(name: str) -> None:
         s, state = slices[name], store[name]
         grad = None
         for seed, g in samples:
-            d = method.direction(name, _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype), state)
+            z = _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype)
             if restore is not None and seed == restore[0]:
-                s.view.add_(d, alpha=restore[1])
-            grad = d * g if grad is None else grad.add_(d, alpha=g)
+                s.view.add_(method.direction(name, z, state), alpha=restore[1])
+            part = method.gradient(name, z, g, state)
+            grad = part if grad is None else grad.add_(part)
         method.update(name, s.view, grad, lr, 0.0 if name in no_decay else weight_decay, state)
 
     done: set = set()

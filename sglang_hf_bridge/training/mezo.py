@@ -125,13 +125,16 @@ class MeZOTrainingArguments(TrainingArguments):
                 "callable (logits, labels) -> one value per example, averaged over the (global) batch"})
     # Typed str for HfArgumentParser; in Python a ZOMethod object (training/zo_methods.py) is accepted too.
     zo_optimizer: Optional[str] = field(default="sgd", metadata={
-        "help": "the zeroth-order method: 'sgd' (MeZO), 'sign', 'momentum', 'adam', 'sparse', or a ZOMethod"})
+        "help": "the zeroth-order method: 'sgd' (MeZO), 'sign', 'momentum', 'adam', 'sparse', 'hizoo', or a "
+                "ZOMethod"})
     zo_momentum: float = field(default=0.9, metadata={"help": "zo_optimizer='momentum': its coefficient"})
     zo_adam_beta1: float = field(default=0.9, metadata={"help": "zo_optimizer='adam': beta1"})
     zo_adam_beta2: float = field(default=0.999, metadata={"help": "zo_optimizer='adam': beta2"})
     zo_adam_epsilon: float = field(default=1e-8, metadata={"help": "zo_optimizer='adam': epsilon"})
     zo_sparsity: float = field(default=0.8, metadata={
         "help": "zo_optimizer='sparse': the fraction of each tensor's entries left untouched (its largest)"})
+    zo_hizoo_alpha: float = field(default=1e-8, metadata={
+        "help": "zo_optimizer='hizoo': the Hessian smoothing coefficient (the authors' README example: 1e-8)"})
     zo_method_state_limit_mb: float = field(default=4096.0, metadata={
         "help": "the most memory a zo_optimizer's state may take (Adam: 2 x the trained parameters); above it "
                 "training is refused before the first step"})
@@ -164,7 +167,8 @@ class MeZOTrainingArguments(TrainingArguments):
         method = self.__dict__.get("_zo_method")
         if method is None:
             method = resolve_method(self.zo_optimizer, momentum=self.zo_momentum, beta1=self.zo_adam_beta1,
-                                    beta2=self.zo_adam_beta2, eps=self.zo_adam_epsilon, sparsity=self.zo_sparsity)
+                                    beta2=self.zo_adam_beta2, eps=self.zo_adam_epsilon, sparsity=self.zo_sparsity,
+                                    alpha=self.zo_hizoo_alpha)
             self.__dict__["_zo_method"] = method
         return method
 
@@ -373,12 +377,16 @@ class MeZOTrainer(Trainer):
         paired = self._paired()
         method = None if is_plain_sgd(args.zo_method()) else args.zo_method()  # None: MeZO's fused path
         with_method = {"method": method} if method is not None else {}
+        at_theta = method is not None and method.loss_at_theta
+        if at_theta and n > 1:
+            raise ValueError(f"zo_optimizer={method.name!r} takes one direction per step (zo_num_samples=1)")
         if method is not None:
             if not self._zo_method_ready:
                 self._check_method_memory(method)
                 method.setup(target.full_tensors())
                 self._zo_method_ready = True
             target.prepare(method)
+        theta_sum = self._objective_sum(model, inputs)[0] if at_theta else 0.0  # the loss at theta (HiZOO)
         sums_plus, sums_minus, seeds, count = [], [], [], 0
         for i in range(n):
             seed = step_seed(args.seed, step, i)
@@ -394,7 +402,7 @@ class MeZOTrainer(Trainer):
             sums_plus.append(s_plus if count else 0.0)  # nothing labelled here (NaN mean): add nothing
             sums_minus.append(s_minus if count else 0.0)
             seeds.append(seed)
-        totals = sums_plus + sums_minus + [count]
+        totals = sums_plus + sums_minus + ([theta_sum] if at_theta else []) + [count]
         if self.zo_data_parallel is not None:  # ONE all-reduce: every process gets the global sums
             try:
                 totals = self.zo_data_parallel.sum(totals, step)
@@ -405,11 +413,12 @@ class MeZOTrainer(Trainer):
         count = totals[-1]
         means = [t / count if count else float("nan") for t in totals[:-1]]
         losses = means[:n]
-        grads = [(p - m) / (2 * eps) if count else 0.0 for p, m in zip(means[:n], means[n:])]
+        grads = [(p - m) / (2 * eps) if count else 0.0 for p, m in zip(means[:n], means[n:2 * n])]
         # The last sample's update goes first: it restores theta from theta - eps z in the same
         # pass over z, and applies weight decay to the restored theta (as Algorithm 1 does).
         restore = 0.0 if paired else eps
         if method is not None:  # one update from every direction, by the method's rule
+            method.observe(means[n - 1], means[2 * n - 1], means[2 * n] if at_theta else None, eps)
             samples = [(seeds[i], method.projected_gradient(grads[i]) / n) for i in range(n)]
             target.method_update(samples, lr, args.weight_decay, method,
                                  restore=None if paired else (seeds[-1], eps))
@@ -417,7 +426,10 @@ class MeZOTrainer(Trainer):
             last = i == n - 1
             target.update(seeds[i], lr, grads[i] / n, args.weight_decay if last else 0.0,
                           restore=restore if last else 0.0)
-        self.zo_history.append({"step": step, "lr": lr, "projected_grads": grads, "losses": losses})
+        record = {"step": step, "lr": lr, "projected_grads": grads, "losses": losses}
+        if at_theta:
+            record["loss_at_theta"] = means[2 * n]
+        self.zo_history.append(record)
         return torch.tensor(sum(losses) / n, device=args.device)
 
     # ---- checkpoints -------------------------------------------------------------------------
