@@ -601,3 +601,28 @@ def test_sentence_transformers_on_a_modernbert_backbone(tmp_path):
         assert max_abs_diff(ours.encode(texts, convert_to_tensor=True), theirs) <= TOL
     finally:
         ours.close_engines()
+
+
+def test_two_threads_get_their_own_rows(base_shape):
+    """Two callers at once (one long document, one short batch) share engine passes and each gets
+    exactly what it gets alone."""
+    import threading
+
+    _, _, model = base_shape
+    inputs = [mixed_batch(512, [900], seed=71), mixed_batch(512, [12, 5, 30], seed=73)]
+    alone = [model(input_ids=ids, attention_mask=mask).logits for ids, mask in inputs]
+    results = [None, None]
+
+    def call(i):
+        ids, mask = inputs[i]
+        results[i] = model(input_ids=ids, attention_mask=mask).logits
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(torch.equal(r, a) for r, a in zip(results, alone))
+    from conftest import assert_pools_free
+
+    assert_pools_free(model)

@@ -58,31 +58,12 @@ def reference(model, params, batches, method: str, samples: int = 1, steps=None)
         with torch.no_grad():
             masks = {n: p.abs() <= thresholds[n] for n, p in params.items()}
             estimate = {n: torch.zeros_like(p) for n, p in params.items()}
-            if method == "hizoo":  # the authors' zo_Hessian_step_update, one direction
-                seed = zlib.crc32(f"{SEED}:{step}:0".encode())
-                l_theta = loss(batch)
-                z = {n: z_of(seed, n, p.shape) for n, p in params.items()}
-                d = {n: z[n] / hessian[n].sqrt() for n in params}  # perturbed with the H before this step
-                for n, p in params.items():
-                    p.add_(EPS * d[n])
-                l_plus = loss(batch)
-                for n, p in params.items():
-                    p.sub_(2 * EPS * d[n])
-                l_minus = loss(batch)
-                for n, p in params.items():
-                    p.add_(EPS * d[n])
-                g = (l_plus - l_minus) / (2 * EPS)
-                grads.append(g)
-                curvature = abs(l_plus + l_minus - 2 * l_theta) / (2 * EPS ** 2)
-                for n, p in params.items():
-                    hessian[n] = (1 - HIZOO_ALPHA) * hessian[n] + HIZOO_ALPHA * curvature * hessian[n] * z[n] ** 2
-                    decay = 0.0 if no_decay(n) else WD
-                    p.sub_(LR * (g * z[n] / hessian[n].sqrt() + decay * p))
-                continue
+            l_theta = loss(batch) if method == "hizoo" else None  # HiZOO's third forward pass
             for sample in range(samples):
                 seed = zlib.crc32(f"{SEED}:{step}:{sample}".encode())
-                directions = {n: z_of(seed, n, p.shape) * (masks[n] if method == "sparse" else 1)
-                              for n, p in params.items()}
+                z = {n: z_of(seed, n, p.shape) for n, p in params.items()}
+                directions = {n: z[n] * masks[n] if method == "sparse" else
+                              z[n] / hessian[n].sqrt() if method == "hizoo" else z[n] for n in params}
                 for n, p in params.items():
                     p.add_(EPS * directions[n])
                 l_plus = loss(batch)
@@ -93,12 +74,17 @@ def reference(model, params, batches, method: str, samples: int = 1, steps=None)
                     p.add_(EPS * directions[n])
                 g = (l_plus - l_minus) / (2 * EPS)
                 grads.append(g)
+                if method == "hizoo":  # the authors' zo_Hessian_step_update: H first, then the step with it
+                    curvature = abs(l_plus + l_minus - 2 * l_theta) / (2 * EPS ** 2)
+                    for n in params:
+                        hessian[n] = (1 - HIZOO_ALPHA) * hessian[n] + HIZOO_ALPHA * curvature * hessian[n] * z[n] ** 2
+                        directions[n] = z[n] / hessian[n].sqrt()
                 for n in params:
                     estimate[n] += (math.copysign(1.0, g) if method == "sign" else g) * directions[n] / samples
-            if method == "sparse":  # theta -= lr (g m z + wd m theta)
+            if method in ("sparse", "hizoo"):  # theta -= lr (estimate + wd theta), sparse: decay on m only
                 for n, p in params.items():
                     decay = 0.0 if no_decay(n) else WD
-                    p.sub_(LR * (estimate[n] + decay * p * masks[n]))
+                    p.sub_(LR * (estimate[n] + decay * p * (masks[n] if method == "sparse" else 1)))
                 continue
             for n, p in params.items():
                 p.grad = estimate[n]

@@ -37,6 +37,10 @@ class SGLangEncoderModel(SGLangEncoderTask):
         hidden = self._wants_hidden_states(output_hidden_states)
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, adapter_names, hidden,
                            last_hidden=True)
-        last, pooled = self._guard(out.last_hidden), self._guard(out.head)
-        return self._shaped(BaseModelOutputWithPoolingAndCrossAttentions(
-            last_hidden_state=last, pooler_output=pooled, hidden_states=out.hidden_states), return_dict)
+        return self._shaped(self._base_output(out), return_dict)
+
+    def _base_output(self, out):
+        """transformers' output class of this family's base model (with its pooler)."""
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=self._guard(out.last_hidden), pooler_output=self._guard(out.head),
+            hidden_states=out.hidden_states)

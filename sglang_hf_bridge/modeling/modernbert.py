@@ -5,8 +5,6 @@ and ``ModernBertModel`` interfaces over the family's SGLang-side module
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
-
 import torch
 from transformers import ModernBertConfig
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
@@ -87,23 +85,5 @@ class SGLangModernBertModel(SGLangEncoderModel):
     config_class = ModernBertConfig
     family = MODERNBERT_FAMILY
 
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        adapter_names: Optional[Sequence[str]] = None,
-        token_type_ids: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> Union[BaseModelOutput, Tuple]:
-        """As ``ModernBertModel.forward``."""
-        self._check_forward_keywords(inputs_embeds, output_attentions, kwargs)
-        hidden = self._wants_hidden_states(output_hidden_states)
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, adapter_names, hidden,
-                           last_hidden=True)
-        return self._shaped(BaseModelOutput(last_hidden_state=self._guard(out.last_hidden),
-                                            hidden_states=out.hidden_states), return_dict)
+    def _base_output(self, out) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self._guard(out.last_hidden), hidden_states=out.hidden_states)
