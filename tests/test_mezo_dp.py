@@ -44,6 +44,10 @@ JOBS = {
     "adam": ("lora", 3, 3, {"zo_optimizer": "adam"}),
     # HiZOO's third loss (at theta) rides in the same all-reduce
     "hizoo": ("lora", 3, 3, {"zo_optimizer": "hizoo", "zo_hizoo_alpha": 0.1}),
+    # ZO-SGD-Cons: the losses at the two candidate points in a second all-reduce
+    "conservative": ("lora", 3, 3, {"zo_optimizer": "conservative"}),
+    # LOZO-M: V resampled at step 2, its U-space momentum projected, on every process alike
+    "lozo-m": ("lora", 3, 3, {"zo_optimizer": "lozo-m", "zo_lozo_interval": 2}),
 }
 DROPPED = {3, 13, 14, 15}  # positions in the global batch of 16 that "uneven" drops
 
@@ -295,7 +299,7 @@ def setup(tmp_path_factory):
 def runs(setup, tmp_path_factory):
     """One torchrun launch (2 x 8) and one single process (1 x 16), same jobs."""
     ckpt, adapter = setup
-    jobs = "full,lora,uneven,lora4,resume,cls,adam,hizoo"
+    jobs = "full,lora,uneven,lora4,resume,cls,adam,hizoo,conservative,lozo-m"
     dp, ref = tmp_path_factory.mktemp("dp"), tmp_path_factory.mktemp("ref")
     rc, output, seconds = _launch(dp, ckpt, adapter, jobs, nproc=2)
     assert rc == 0, output[-6000:]
@@ -459,7 +463,9 @@ def test_each_rank_gets_its_shard_of_every_global_batch(runs):
 
 @pytest.mark.parametrize("job, checkpoint", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors"),
                                              ("cls", "model.safetensors"), ("adam", "adapter_model.safetensors"),
-                                             ("hizoo", "adapter_model.safetensors")])
+                                             ("hizoo", "adapter_model.safetensors"),
+                                             ("conservative", "adapter_model.safetensors"),
+                                             ("lozo-m", "adapter_model.safetensors")])
 def test_two_processes_match_one_process_on_the_same_examples(runs, setup, job, checkpoint):
     dp = _tensors(runs.dp / job / "checkpoint-3" / checkpoint)
     ref = _tensors(runs.ref / job / "checkpoint-3" / checkpoint)
@@ -476,9 +482,10 @@ def test_two_processes_match_one_process_on_the_same_examples(runs, setup, job, 
     ref_grads = [h["projected_grads"][0] for h in _record(runs.ref, job, 0)["history"]]
     for g, r in zip((h["projected_grads"][0] for h in ours["history"]), ref_grads):
         assert abs(g - r) <= 1e-3 * max(1.0, abs(r))
-    # O(1) communication: one all-reduce of 2n + 1 float64 values per step (HiZOO: + the loss at theta)
-    values = 4 if job == "hizoo" else 3
-    assert ours["reducer"] == {"calls": 3, "payload_bytes": 3 * values * 8}
+    # O(1) communication: one all-reduce of 2n + 1 float64 values per step (HiZOO: + the loss at theta;
+    # ZO-SGD-Cons: + the loss at theta, then a second all-reduce of the candidates' 2 sums + count)
+    calls, values = {"hizoo": (3, 4), "conservative": (6, 4 + 3)}.get(job, (3, 3))
+    assert ours["reducer"] == {"calls": calls, "payload_bytes": 3 * values * 8}
 
 
 def test_unequal_shards_and_n_spsa_average_over_the_global_batch(runs):

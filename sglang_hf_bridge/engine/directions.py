@@ -62,13 +62,16 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-def _draw(seed: int, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
-    """z into this thread's scratch buffer (valid until the thread's next draw)."""
-    n = prod(shape)
+def _draw(seed: int, s: NamedSlice, method=None) -> torch.Tensor:
+    """z of one tensor at ``s.full_shape`` into this thread's scratch buffer (valid until the
+    thread's next draw): N(0, 1), or what the method's ``draw`` writes at the HF shape (LOZO's U V^T)."""
+    n = prod(s.full_shape)
     buf = getattr(_scratch, "buffer", None)
     if buf is None or buf.numel() < n:
         buf = _scratch.buffer = torch.empty(n, dtype=torch.float32)
-    return fill_direction(buf[:n].view(shape), seed, name)
+    if method is None:
+        return fill_direction(buf[:n].view(s.full_shape), seed, s.name)
+    return method.draw(buf[:n].view(s.shape), seed, s.name).view(s.full_shape)
 
 
 def release_scratch() -> None:
@@ -82,7 +85,7 @@ def release_scratch() -> None:
 
 
 def for_each_direction(slices: Dict[str, NamedSlice], names: Sequence[str], seed: int,
-                       apply: Callable[[NamedSlice, torch.Tensor], None]) -> None:
+                       apply: Callable[[NamedSlice, torch.Tensor], None], method=None) -> None:
     """Call ``apply(slice, z[slice.index])`` for every name; names run on parallel threads.
 
     Whole or not at all: if anything fails (an exception, a Ctrl-C in the waiting thread) after
@@ -101,7 +104,7 @@ def for_each_direction(slices: Dict[str, NamedSlice], names: Sequence[str], seed
             for name in group:
                 if name not in done:
                     s = slices[name]
-                    apply(s, _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype))
+                    apply(s, _draw(seed, s, method)[s.index].to(s.view.dtype))
                     done.add(name)
 
     groups = [g for g in groups if g]
@@ -168,7 +171,7 @@ def method_perturb(slices: Dict[str, NamedSlice], names: Sequence[str], seed: in
                    store: Dict[str, dict]) -> None:
     """theta <- theta + scale * direction(z)."""
     for_each_direction(slices, names, seed,
-                       lambda s, z: s.view.add_(method.direction(s.name, z, store[s.name]), alpha=scale))
+                       lambda s, z: s.view.add_(method.direction(s.name, z, store[s.name]), alpha=scale), method)
 
 
 def method_update(slices: Dict[str, NamedSlice], names: Sequence[str], samples: Sequence[Tuple[int, float]],
@@ -182,13 +185,11 @@ def method_update(slices: Dict[str, NamedSlice], names: Sequence[str], samples: 
 
     def one(name: str) -> None:
         s, state = slices[name], store[name]
-        grad = None
-        for seed, g in samples:
-            z = _draw(seed, name, s.full_shape)[s.index].to(s.view.dtype)
-            if restore is not None and seed == restore[0]:
-                s.view.add_(method.direction(name, z, state), alpha=restore[1])
-            part = method.gradient(name, z, g, state)
-            grad = part if grad is None else grad.add_(part)
+
+        def z_of(seed: int) -> torch.Tensor:
+            return _draw(seed, s, method)[s.index].to(s.view.dtype)
+
+        grad = method.estimate(s, samples, state, z_of, restore)
         method.update(name, s.view, grad, lr, 0.0 if name in no_decay else weight_decay, state)
 
     done: set = set()

@@ -164,26 +164,27 @@ def rank_method_update(engine, state_key: str, lora_id, peft_names, names, sampl
 
 
 @writes(None)
-def rank_method_state(engine, state_key: str, lora_id, peft_names) -> Dict[str, Dict[str, tuple]]:
+def rank_method_state(engine, state_key: str, lora_id, peft_names, whole=()) -> Dict[str, Dict[str, tuple]]:
     """This rank's share of the method state: name -> key -> (tensor copy, index in the full tensor,
-    full shape), or a scalar (index None)."""
+    full shape), or index None for a scalar or a key in ``whole`` (the same on every rank)."""
     slices = _target_slices(engine, lora_id, peft_names)
     out = {}
     for name, state in _method_store(engine, state_key).items():
         s = slices[name]
-        out[name] = {k: (t.detach().cpu().clone(), s.index if t.dim() else None, s.full_shape)
+        out[name] = {k: (t.detach().cpu().clone(), s.index if t.dim() and k not in whole else None, s.full_shape)
                      for k, t in state.items()}
     return out
 
 
 @writes(None)
-def rank_set_method_state(engine, state_key: str, lora_id, peft_names, full: Dict[str, Dict[str, torch.Tensor]]):
+def rank_set_method_state(engine, state_key: str, lora_id, peft_names, full: Dict[str, Dict[str, torch.Tensor]],
+                          whole=()):
     """Restore method state from full tensors (a checkpoint): each rank takes its share."""
     slices = _target_slices(engine, lora_id, peft_names)
     store = _method_store(engine, state_key)
     store.clear()
     for name, state in full.items():
         s = slices[name]
-        store[name] = {k: (t.reshape(s.full_shape)[s.index] if t.dim() else t).to(
+        store[name] = {k: (t.reshape(s.full_shape)[s.index] if t.dim() and k not in whole else t).to(
             s.view.device, s.view.dtype if t.is_floating_point() and t.dim() else t.dtype).clone()
             for k, t in state.items()}

@@ -6,6 +6,10 @@ from s. The last restore and its update share one pass over z (three z passes pe
 four). No gradient buffers, no optimizer state, no second copy of the weights. For a LoRA
 adapter on the engine the +eps z and -eps z passes run as two scratch adapters in ONE engine
 batch (rows tagged per adapter).
+
+Other zeroth-order methods (``zo_optimizer``: training/zo_methods.py) run through the same
+measurements: their perturbations and updates are the method's hooks, HiZOO and ZO-SGD-Cons add the
+loss at theta, ZO-SGD-Cons two more at the candidate points (:meth:`MeZOTrainer._conservative_update`).
 """
 
 from __future__ import annotations
@@ -16,25 +20,31 @@ import logging
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from ..engine import HEAD, base_layer_of, hf_parameter_slices, min_layer_of, rank_copy_adapter
 from ..process import deferred_interrupts
 from . import distributed
+from .arguments import MeZOTrainingArguments
+from .objectives import (  # noqa: F401 (re-exported)
+    MODEL_LOSS,
+    _items,
+    _objective_name,
+    negative_accuracy,
+    objective_sum,
+    resolve_objective,
+)
 from .prompts import PromptClassifier, float32_cross_entropy
 from .zo import EngineAdapterTarget, EngineWeightsTarget, TorchParametersTarget
-from .zo_methods import ZOMethod, is_plain_sgd, resolve_method
+from .zo_methods import is_plain_sgd
 
 logger = logging.getLogger(__name__)
 PLUS, MINUS = "__zo_plus__", "__zo_minus__"
 # A zeroth-order method's state in a checkpoint (training/zo_methods.py).
 METHOD_STATE_FILE, METHOD_CONFIG_FILE, METHOD_KEY_SEP = "zo_method_state.safetensors", "zo_method.json", "::"
-IGNORE_INDEX = -100  # transformers' label for "no loss here"
 _TRAINABLE_LINE = "  Number of trainable parameters = "
 
 
@@ -51,133 +61,6 @@ class _TrainableCountFilter(logging.Filter):
         if isinstance(record.msg, str) and record.msg.startswith(_TRAINABLE_LINE) and not record.args:
             record.msg = f"{_TRAINABLE_LINE}{self.trainer.zo_num_parameters():,} (trained by MeZO)"
         return True
-
-
-def negative_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per item: -1 where the arg-max of ``logits`` is the label, else 0 (items labelled -100 are
-    left out). A non-differentiable objective: MeZO needs only its values."""
-    keep = labels != IGNORE_INDEX
-    return -(logits.argmax(-1)[keep] == labels[keep]).to(torch.float64)
-
-
-class ModelLoss:
-    """The objective that is the model's own ``loss`` output (cross-entropy for its labels)."""
-
-    def __repr__(self) -> str:
-        return "cross_entropy"
-
-
-MODEL_LOSS = ModelLoss()
-ObjectiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-OBJECTIVES: Dict[str, Union[ModelLoss, ObjectiveFn]] = {
-    "cross_entropy": MODEL_LOSS,
-    "negative_accuracy": negative_accuracy,
-}
-Objective = Union[None, str, ObjectiveFn]
-
-
-def resolve_objective(objective: Objective) -> Union[ModelLoss, ObjectiveFn]:
-    """``zo_objective`` as what to compute: None is the model's loss, a name is looked up."""
-    if objective is None:
-        return MODEL_LOSS
-    return OBJECTIVES[objective] if isinstance(objective, str) else objective
-
-
-def _objective_name(objective: Objective) -> str:
-    if objective is None or isinstance(objective, str):
-        return objective or "cross_entropy"
-    return f"{getattr(objective, '__module__', '?')}.{getattr(objective, '__qualname__', repr(objective))}"
-
-
-def _items(labels: Optional[torch.Tensor], batch_size: int) -> int:
-    """What the loss averages over: labelled items (transformers' -100 convention), else rows."""
-    return int((labels != IGNORE_INDEX).sum()) if labels is not None else batch_size
-
-
-def objective_sum(objective: Objective, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, int]:
-    """``(sum, count)`` of a callable objective's values on one batch: one value per example (or
-    item) is summed; a single value is taken as the mean over the batch's labelled items. Sums and
-    counts, not means, so that shards of different sizes add up to the global mean."""
-    fn = resolve_objective(objective)
-    values = torch.as_tensor(fn(logits, labels))
-    if values.dim() == 0:
-        count = _items(labels, logits.shape[0])
-        return float(values) * count, count
-    return float(values.detach().to(torch.float64).sum()), values.numel()
-
-
-@dataclass
-class MeZOTrainingArguments(TrainingArguments):
-    zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale epsilon"})
-    zo_num_samples: int = field(default=1, metadata={"help": "n of n-SPSA: directions per step"})
-    zo_trainable: str = field(default="auto",
-                              metadata={"help": "'all' weights, 'lora' (the active adapter), 'head' (the task head and "
-                                                        "pooler only), or 'auto'"})
-    zo_paired_batch: bool = field(default=True, metadata={"help": "LoRA on the engine: +/- passes in one batch"})
-    zo_top_layers: int = field(default=0, metadata={
-        "help": "full-parameter MeZO on the top k encoder layers and the LM head only (0: every weight)"})
-    zo_frozen_layer_cache: bool = field(default=True, metadata={
-        "help": "on the engine: when every trained tensor is in layers >= L, cache the states entering L"})
-    zo_frozen_cache_mb: float = field(default=2048.0, metadata={"help": "memory bound of that cache"})
-    # Typed str for HfArgumentParser; in Python a callable ``(logits, labels) -> tensor`` is accepted too.
-    zo_objective: Optional[str] = field(default=None, metadata={
-        "help": "what MeZO minimises: 'cross_entropy' (default: the model's loss), 'negative_accuracy', or a "
-                "callable (logits, labels) -> one value per example, averaged over the (global) batch"})
-    # Typed str for HfArgumentParser; in Python a ZOMethod object (training/zo_methods.py) is accepted too.
-    zo_optimizer: Optional[str] = field(default="sgd", metadata={
-        "help": "the zeroth-order method: 'sgd' (MeZO), 'sign', 'momentum', 'adam', 'sparse', 'hizoo', or a "
-                "ZOMethod"})
-    zo_momentum: float = field(default=0.9, metadata={"help": "zo_optimizer='momentum': its coefficient"})
-    zo_adam_beta1: float = field(default=0.9, metadata={"help": "zo_optimizer='adam': beta1"})
-    zo_adam_beta2: float = field(default=0.999, metadata={"help": "zo_optimizer='adam': beta2"})
-    zo_adam_epsilon: float = field(default=1e-8, metadata={"help": "zo_optimizer='adam': epsilon"})
-    zo_sparsity: float = field(default=0.8, metadata={
-        "help": "zo_optimizer='sparse': the fraction of each tensor's entries left untouched (its largest)"})
-    zo_hizoo_alpha: float = field(default=1e-8, metadata={
-        "help": "zo_optimizer='hizoo': the Hessian smoothing coefficient (the authors' README example: 1e-8)"})
-    zo_method_state_limit_mb: float = field(default=4096.0, metadata={
-        "help": "the most memory a zo_optimizer's state may take (Adam: 2 x the trained parameters); above it "
-                "training is refused before the first step"})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "unused by MeZO (no gradients)"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.zo_trainable not in ("auto", "all", "lora", "head"):
-            raise ValueError(f"zo_trainable must be 'auto', 'all', 'lora' or 'head', got {self.zo_trainable!r}")
-        if self.zo_eps <= 0 or self.zo_num_samples < 1:
-            raise ValueError("zo_eps must be > 0 and zo_num_samples >= 1")
-        if self.zo_top_layers < 0 or self.zo_frozen_cache_mb <= 0:
-            raise ValueError("zo_top_layers must be >= 0 and zo_frozen_cache_mb > 0")
-        self.zo_method()  # a bad name or hyper-parameter is refused here, before training starts
-        if not (self.zo_objective is None or callable(self.zo_objective) or self.zo_objective in OBJECTIVES):
-            raise ValueError(f"zo_objective must be one of {sorted(OBJECTIVES)} or a callable (logits, labels) -> "
-                             f"tensor, got {self.zo_objective!r}")
-
-    @cached_property
-    def _setup_devices(self) -> "torch.device":
-        # A multi-process launch: the launcher's world must become torch.distributed's default
-        # group (the Trainer's samplers, gathers and barriers use it), beside SGLang's world.
-        launch = distributed.prepare_default_group()
-        if launch is not None and not self.use_cpu and not torch.cuda.is_available():
-            self.use_cpu = True  # accelerate builds a multi-process CPU world only when told it is on CPU
-        return TrainingArguments._setup_devices.func(self)
-
-    def zo_method(self) -> ZOMethod:
-        """``zo_optimizer`` resolved (one object per arguments: it carries what setup derived)."""
-        method = self.__dict__.get("_zo_method")
-        if method is None:
-            method = resolve_method(self.zo_optimizer, momentum=self.zo_momentum, beta1=self.zo_adam_beta1,
-                                    beta2=self.zo_adam_beta2, eps=self.zo_adam_epsilon, sparsity=self.zo_sparsity,
-                                    alpha=self.zo_hizoo_alpha)
-            self.__dict__["_zo_method"] = method
-        return method
-
-    def to_dict(self):
-        d = super().to_dict()
-        d["zo_objective"] = _objective_name(self.zo_objective)  # a callable is not JSON
-        d["zo_optimizer"] = self.zo_method().name
-        d.pop("_zo_method", None)
-        return d
 
 
 def _peft_saved_name(name: str) -> str:
@@ -343,12 +226,15 @@ class MeZOTrainer(Trainer):
             return float(loss) * count, count
         return objective_sum(objective, out["logits"] if isinstance(out, dict) else out.logits, labels)
 
-    def _paired_sums(self, target: EngineAdapterTarget, inputs, seed: int, method=None) -> Tuple[float, float, int]:
+    def _paired_sums(self, target: EngineAdapterTarget, inputs, seed: int, method=None,
+                     scale: Optional[float] = None) -> Tuple[float, float, int]:
+        """The losses at theta +- scale * direction (default scale: eps) in one pass over a batch
+        twice as long, through two scratch adapters: the trained one is never touched."""
         plus_id, minus_id = self._ensure_scratch_adapters(target)
-        eps = self.args.zo_eps
+        scale = self.args.zo_eps if scale is None else scale
         for lora_id, sign in ((plus_id, 1.0), (minus_id, -1.0)):
             target.model.runtime.collective_rpc(rank_copy_adapter, target.lora_id, lora_id)
-            target.perturb(seed, sign * eps, lora_id=lora_id, **({"method": method} if method is not None else {}))
+            target.perturb(seed, sign * scale, lora_id=lora_id, **({"method": method} if method is not None else {}))
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
         B = ids.shape[0]
         both = torch.cat([ids, ids]), (torch.cat([mask, mask]) if mask is not None else None)
@@ -361,6 +247,32 @@ class MeZOTrainer(Trainer):
                     float(float32_cross_entropy(logits[B:], labels)) * count, count)
         (s_plus, count), (s_minus, _) = (objective_sum(objective, half, labels) for half in (logits[:B], logits[B:]))
         return s_plus, s_minus, count
+
+    def _sums_around(self, target, model, inputs, seed: int, scale: float, method, restore: bool
+                     ) -> Tuple[float, float, int]:
+        """Loss sums at theta + scale * d and theta - scale * d. Without the paired batch the
+        weights are left at theta - scale * d unless ``restore``."""
+        with_method = {"method": method} if method is not None else {}
+        if self._paired():
+            return self._paired_sums(target, inputs, seed, method, scale)
+        target.perturb(seed, scale, **with_method)
+        s_plus, count = self._objective_sum(model, inputs)
+        target.perturb(seed, -2 * scale, **with_method)
+        s_minus, _ = self._objective_sum(model, inputs)
+        if restore:
+            target.perturb(seed, scale, **with_method)
+        return s_plus, s_minus, count
+
+    def _global(self, totals: List[float], step: int, on_failure=None) -> List[float]:
+        """Sums over every data-parallel process (one all-reduce), or these."""
+        if self.zo_data_parallel is None:
+            return totals
+        try:
+            return self.zo_data_parallel.sum(totals, step)
+        except BaseException:
+            if on_failure is not None:
+                on_failure()
+            raise
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # A Ctrl-C during the step is raised when it ends: never leave the weights at theta +- eps z.
@@ -378,59 +290,69 @@ class MeZOTrainer(Trainer):
         method = None if is_plain_sgd(args.zo_method()) else args.zo_method()  # None: MeZO's fused path
         with_method = {"method": method} if method is not None else {}
         at_theta = method is not None and method.loss_at_theta
-        if at_theta and n > 1:
+        conservative = method is not None and method.conservative
+        if (at_theta or conservative) and n > 1:
             raise ValueError(f"zo_optimizer={method.name!r} takes one direction per step (zo_num_samples=1)")
         if method is not None:
-            if not self._zo_method_ready:
-                self._check_method_memory(method)
-                method.setup(target.full_tensors())
+            method.begin_step(step, args.seed)
+            if not self._zo_method_ready:  # a new run (a resume restored both instead)
+                full = target.full_tensors()
+                self._check_method_memory(method, full)
+                method.setup(full)
+                del full
+                target.set_method_state({}, method)  # not an earlier trainer's moments on the same model
                 self._zo_method_ready = True
             target.prepare(method)
         theta_sum = self._objective_sum(model, inputs)[0] if at_theta else 0.0  # the loss at theta (HiZOO)
         sums_plus, sums_minus, seeds, count = [], [], [], 0
         for i in range(n):
             seed = step_seed(args.seed, step, i)
-            if paired:
-                s_plus, s_minus, count = self._paired_sums(target, inputs, seed, method)
-            else:
-                target.perturb(seed, eps, **with_method)
-                s_plus, count = self._objective_sum(model, inputs)
-                target.perturb(seed, -2 * eps, **with_method)
-                s_minus, _ = self._objective_sum(model, inputs)
-                if i < n - 1:
-                    target.perturb(seed, eps, **with_method)  # restore; the last sample restores in its update
+            # The last sample's restore is fused into its update (one pass over z fewer).
+            s_plus, s_minus, count = self._sums_around(target, model, inputs, seed, eps, method,
+                                                       restore=i < n - 1 or conservative)
             sums_plus.append(s_plus if count else 0.0)  # nothing labelled here (NaN mean): add nothing
             sums_minus.append(s_minus if count else 0.0)
             seeds.append(seed)
         totals = sums_plus + sums_minus + ([theta_sum] if at_theta else []) + [count]
-        if self.zo_data_parallel is not None:  # ONE all-reduce: every process gets the global sums
-            try:
-                totals = self.zo_data_parallel.sum(totals, step)
-            except BaseException:
-                if not paired:
-                    target.perturb(seeds[-1], eps, **with_method)  # leave theta, not theta - eps z, behind
-                raise
+        left_at_minus = not paired and not conservative  # the weights are at theta - eps z now
+        totals = self._global(totals, step, on_failure=(
+            (lambda: target.perturb(seeds[-1], eps, **with_method)) if left_at_minus else None))
         count = totals[-1]
         means = [t / count if count else float("nan") for t in totals[:-1]]
         losses = means[:n]
         grads = [(p - m) / (2 * eps) if count else 0.0 for p, m in zip(means[:n], means[n:2 * n])]
-        # The last sample's update goes first: it restores theta from theta - eps z in the same
-        # pass over z, and applies weight decay to the restored theta (as Algorithm 1 does).
-        restore = 0.0 if paired else eps
-        if method is not None:  # one update from every direction, by the method's rule
-            method.observe(means[n - 1], means[2 * n - 1], means[2 * n] if at_theta else None, eps)
-            samples = [(seeds[i], method.projected_gradient(grads[i]) / n) for i in range(n)]
-            target.method_update(samples, lr, args.weight_decay, method,
-                                 restore=None if paired else (seeds[-1], eps))
-        for i in reversed(range(n) if method is None else ()):
-            last = i == n - 1
-            target.update(seeds[i], lr, grads[i] / n, args.weight_decay if last else 0.0,
-                          restore=restore if last else 0.0)
         record = {"step": step, "lr": lr, "projected_grads": grads, "losses": losses}
         if at_theta:
             record["loss_at_theta"] = means[2 * n]
+        restore = (seeds[-1], eps) if left_at_minus else None
+        if conservative:
+            record["kept"] = self._conservative_update(target, model, inputs, method, seeds[0], grads[0],
+                                                       means[2], lr, step)
+        elif method is not None:  # one update from every direction, by the method's rule
+            method.observe(means[n - 1], means[2 * n - 1], means[2 * n] if at_theta else None, eps)
+            samples = [(seeds[i], method.projected_gradient(grads[i]) / n) for i in range(n)]
+            target.method_update(samples, lr, args.weight_decay, method, restore=restore)
+        # MeZO's fused path: the last sample's update goes first: it restores theta from theta - eps z
+        # in the same pass over z, and applies weight decay to the restored theta (as Algorithm 1).
+        for i in reversed(range(n) if method is None else ()):
+            last = i == n - 1
+            target.update(seeds[i], lr, grads[i] / n, args.weight_decay if last else 0.0,
+                          restore=eps if last and left_at_minus else 0.0)
         self.zo_history.append(record)
         return torch.tensor(sum(losses) / n, device=args.device)
+
+    def _conservative_update(self, target, model, inputs, method, seed: int, g: float, l_theta: float, lr: float,
+                             step: int) -> float:
+        """ZO-SGD-Cons: the losses at theta -+ lr * g * d (two forward passes, one all-reduce), then
+        the kept point committed as an update theta - lr (s g d + wd theta), s in {1, 0, -1}."""
+        move = lr * method.projected_gradient(g)
+        s_opposite, s_step, count = self._sums_around(target, model, inputs, seed, move, method, restore=True) \
+            if move else (0.0, 0.0, 1)
+        s_opposite, s_step, count = self._global([s_opposite, s_step, count], step) if move else (0.0, 0.0, 1)
+        kept = method.choose(l_theta, s_step / count, s_opposite / count) if move and count else 0.0
+        if kept or self.args.weight_decay:
+            target.method_update([(seed, kept * method.projected_gradient(g))], lr, self.args.weight_decay, method)
+        return kept
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
@@ -450,13 +372,13 @@ class MeZOTrainer(Trainer):
         torch.save(args, os.path.join(output_dir, "training_args.bin"))
         self._save_method_state(output_dir)
 
-    def _check_method_memory(self, method) -> None:
+    def _check_method_memory(self, method, full: Dict[str, torch.Tensor]) -> None:
         """Say what the method's state will take, and refuse it above the user's limit."""
-        mib = method.state_bytes_per_parameter * self.zo_num_parameters() / 2**20
+        mib = method.state_bytes({n: tuple(t.shape) for n, t in full.items()}) / 2**20
         if mib > self.args.zo_method_state_limit_mb:
             raise MemoryError(
-                f"zo_optimizer={method.name!r} keeps {method.state_bytes_per_parameter:g} bytes of state per trained "
-                f"parameter: {mib:,.0f} MiB for the {self.zo_num_parameters():,} trained here, above "
+                f"zo_optimizer={method.name!r} keeps {mib:,.0f} MiB of state for the {self.zo_num_parameters():,} "
+                "parameters trained here, above "
                 f"zo_method_state_limit_mb={self.args.zo_method_state_limit_mb:g}. Raise the limit, train fewer "
                 "tensors (LoRA, zo_top_layers), or use a stateless method ('sgd', 'sign')")
         if mib:
@@ -471,7 +393,7 @@ class MeZOTrainer(Trainer):
             return
         from safetensors.torch import save_file
 
-        state = self.zo_target().method_state()
+        state = self.zo_target().method_state(method)
         flat = {f"{name}{METHOD_KEY_SEP}{key}": t.contiguous() for name, keys in state.items()
                 for key, t in keys.items() if key != "mask"}  # a step's mask is derived again
         save_file(flat, os.path.join(output_dir, METHOD_STATE_FILE))
@@ -496,5 +418,5 @@ class MeZOTrainer(Trainer):
         for flat, tensor in load_file(os.path.join(resume_from_checkpoint, METHOD_STATE_FILE)).items():
             name, key = flat.split(METHOD_KEY_SEP)
             state.setdefault(name, {})[key] = tensor
-        self.zo_target().set_method_state(state)
+        self.zo_target().set_method_state(state, method)
         self._zo_method_ready = True

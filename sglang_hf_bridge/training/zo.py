@@ -90,11 +90,12 @@ class EngineWeightsTarget:
         self.model.runtime.collective_rpc(engine.rank_method_update, "base", None, None, self.names, samples, lr,
                                           weight_decay, no_decay_names(self.names), method, restore)
 
-    def method_state(self):
-        return assemble_method_state(self.model.runtime.collective_rpc(engine.rank_method_state, "base", None, None))
+    def method_state(self, method):
+        return assemble_method_state(self.model.runtime.collective_rpc(engine.rank_method_state, "base", None, None,
+                                                                       method.whole_state))
 
-    def set_method_state(self, full) -> None:
-        self.model.runtime.collective_rpc(engine.rank_set_method_state, "base", None, None, full)
+    def set_method_state(self, full, method) -> None:
+        self.model.runtime.collective_rpc(engine.rank_set_method_state, "base", None, None, full, method.whole_state)
 
     def full_tensors(self) -> Dict[str, torch.Tensor]:
         wanted = set(self.names)
@@ -135,7 +136,8 @@ class EngineAdapterTarget:
     # ---- float32 master copies (half-precision models) ------------------------------------------
     def _z(self, seed: int) -> Dict[str, torch.Tensor]:
         method = getattr(self, "_method", None)
-        z = {n: fill_direction(torch.empty(t.shape), seed, n) for n, t in self.master.items()}
+        draw = fill_direction if method is None else method.draw
+        z = {n: draw(torch.empty(t.shape), seed, n) for n, t in self.master.items()}
         if method is not None:
             z = {n: method.direction(n, d, self._store[n]) for n, d in z.items()}
         return z
@@ -165,18 +167,18 @@ class EngineAdapterTarget:
         self._method = method
         self._write(self.lora_id, samples[-1][0], 0.0)
 
-    def method_state(self):
+    def method_state(self, method):
         if self.master is not None:
             return _local_store_state(self._store)
         return assemble_method_state(self.model.runtime.collective_rpc(
-            engine.rank_method_state, self.lora_id, self.lora_id, self.peft_names))
+            engine.rank_method_state, self.lora_id, self.lora_id, self.peft_names, method.whole_state))
 
-    def set_method_state(self, full) -> None:
+    def set_method_state(self, full, method) -> None:
         if self.master is not None:
             _set_local_store(self._store, self._master_slices(), full)
         else:
             self.model.runtime.collective_rpc(engine.rank_set_method_state, self.lora_id, self.lora_id,
-                                              self.peft_names, full)
+                                              self.peft_names, full, method.whole_state)
 
     def full_tensors(self) -> Dict[str, torch.Tensor]:
         return dict(self.master) if self.master is not None else self.model.adapter_state_dict(self.adapter_name)
@@ -267,10 +269,10 @@ class TorchParametersTarget:
         engine.method_update(self.slices, self.names, samples, lr, weight_decay, no_decay_names(self.names), method,
                              self._store, restore)
 
-    def method_state(self):
+    def method_state(self, method):
         return _local_store_state(self._store)
 
-    def set_method_state(self, full) -> None:
+    def set_method_state(self, full, method) -> None:
         _set_local_store(self._store, self.slices, full)
 
     def full_tensors(self) -> Dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ The protocol, per trained tensor ``theta`` (a view of this rank's share of it):
 
 Built-in: ``"sgd"`` (MeZO's ZO-SGD, the default), ``"sign"``, ``"momentum"``, ``"adam"`` (ZO-Bench's
 ZO-SGD-Sign, -MMT and ZO-Adam: torch's SGD / AdamW rules on the gradient estimate) and ``"sparse"``
-(Sparse MeZO). A method is pure torch (no engine import) and picklable: under tensor parallelism it
+(Sparse MeZO). A method is pure torch (it imports only the z definition) and picklable: under tensor parallelism it
 travels to every rank, so a user's class must be importable there (defined in a module).
 """
 
@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ..engine.directions import direction_seed, fill_direction
 
 State = Dict[str, torch.Tensor]
 
@@ -42,6 +44,27 @@ class ZOMethod:
     # Bytes of state the method keeps per trained parameter (float32 entries: 4 each): what the
     # trainer announces before the first step and refuses above ``zo_method_state_limit_mb``.
     state_bytes_per_parameter = 0.0
+
+    # State keys kept whole on every tensor-parallel rank (not shaped like the trained tensor:
+    # LOZO-M's momentum in U-space); every other state tensor is this rank's share, like theta.
+    whole_state: Tuple[str, ...] = ()
+    # ZO-SGD-Cons: after estimating g, measure the loss at theta -+ lr * g * direction and keep the
+    # best of theta and the two (two more forward passes; one direction per step).
+    conservative = False
+
+    def state_bytes(self, shapes: Dict[str, Tuple[int, ...]]) -> float:
+        """Bytes of state for the trained tensors of these (HF) shapes: announced before step 1."""
+        return self.state_bytes_per_parameter * sum(math.prod(s) for s in shapes.values())
+
+    def begin_step(self, step: int, seed: int) -> None:
+        """Once per step on the trainer's side, before anything else (``seed``: the run's base
+        seed): what depends on the step number (LOZO's V, resampled every ``interval`` steps)."""
+
+    def draw(self, out: torch.Tensor, seed: int, name: str) -> torch.Tensor:
+        """The direction of one trained tensor, whole at its HF shape, written into ``out``
+        (float32 scratch): by default N(0, 1) from (seed, name). Every rank draws it whole and
+        takes its share, so a trajectory does not depend on tp_size."""
+        return fill_direction(out, seed, name)
 
     def setup(self, full_tensors: Dict[str, torch.Tensor]) -> None:
         """Once, before the first step, with every trained tensor whole (on any tensor-parallel
@@ -69,6 +92,22 @@ class ZOMethod:
     def gradient(self, name: str, z: torch.Tensor, g: float, state: State) -> torch.Tensor:
         """One direction's share of the gradient estimate (``g`` is projected_gradient / n)."""
         return self.direction(name, z, state) * g
+
+    def estimate(self, where, samples: Sequence[Tuple[int, float]], state: State,
+                 z_of: Callable[[int], torch.Tensor], restore: Optional[Tuple[int, float]] = None) -> torch.Tensor:
+        """The step's gradient estimate for this rank's share of one tensor: the sum of
+        :meth:`gradient` over ``samples`` ((seed, g_i / n) pairs; ``z_of(seed)`` = this rank's share of
+        :meth:`draw`). ``where`` is the share (``name``, HF ``shape``, ``full_shape``, ``index``,
+        ``view``); ``restore`` = (seed, scale): first add scale * that direction to ``where.view`` (the
+        end of the last perturbation, in the same pass over z)."""
+        grad = None
+        for seed, g in samples:
+            z = z_of(seed)
+            if restore is not None and seed == restore[0]:
+                where.view.add_(self.direction(where.name, z, state), alpha=restore[1])
+            part = self.gradient(where.name, z, g, state)
+            grad = part if grad is None else grad.add_(part)
+        return grad
 
     def observe(self, l_plus: float, l_minus: float, l_theta: Optional[float], eps: float) -> None:
         """The step's measured losses (``l_theta`` at the unperturbed weights when
@@ -238,8 +277,120 @@ class ZOHiZOO(ZOMethod):
         return {"name": self.name, "alpha": self.alpha}
 
 
+@dataclass
+class ZOConservative(ZOMethod):
+    """ZO-SGD-Cons (ZO-Bench's ``zo_conserv_step``): with l0 the loss at theta, l- at
+    theta - lr g z and l+ at theta + lr g z (five forward passes per step), keep theta - lr g z if
+    l- <= l0 and l- < l+, theta if l0 < l- and l0 < l+, else theta + lr g z -- their comparisons,
+    ties included. Weight decay (ZO-Bench runs without) is decoupled: theta - lr wd theta, whichever
+    point is kept."""
+
+    name = "conservative"
+    loss_at_theta = True
+    conservative = True
+
+    @staticmethod
+    def choose(l_theta: float, l_step: float, l_opposite: float) -> float:
+        """The kept point as a multiple s of the SGD step: theta - s * lr * g * z (1, 0 or -1)."""
+        if l_step > l_theta:
+            return 0.0 if l_theta < l_opposite else -1.0
+        return 1.0 if l_step < l_opposite else -1.0
+
+
+def _interval_seed(seed: int, interval_index: int) -> int:
+    """LOZO's V seed: one per ``interval`` steps, a pure function of the run's seed (resume, DP)."""
+    return direction_seed(seed, f"lozo-v/{interval_index}")
+
+
+@dataclass
+class ZOLowRank(ZOMethod):
+    """LOZO (Chen et al., 2024): each matrix (2-D or more: [m, n...]) is perturbed and updated along
+    U V^T, U [m, rank] N(0, 1) new every step, V [n, rank] N(0, 1) resampled every ``interval`` steps
+    (no scaling, as the authors' code); 1-D tensors along a full z. theta -= lr (g U V^T + wd theta).
+    U and V are drawn from their own seeds, so perturbation and update use the same U on every step
+    (the authors' code draws V and U from one stream, which offsets U's update on resample steps).
+    Nothing stored: V is redrawn from its seed. Defaults: the authors' RoBERTa scripts (rank 4, 50)."""
+
+    rank: int = 4
+    interval: int = 50
+    name = "lozo"
+
+    def __post_init__(self):
+        if self.rank < 1 or self.interval < 1:
+            raise ValueError(f"LOZO needs rank >= 1 and interval >= 1, got {self.rank}, {self.interval}")
+        self.begin_step(0, 0)
+
+    def begin_step(self, step, seed):
+        self._step = step
+        self._v_seed = _interval_seed(seed, step // self.interval)
+        self._v_old_seed = _interval_seed(seed, step // self.interval - 1) if step >= self.interval else None
+
+    def factors(self, seed: int, name: str, shape: Tuple[int, ...], v_seed: Optional[int] = None):
+        """(U [m, rank], V [n, rank]) of one matrix at a step with this seed (V: this interval's)."""
+        m, n = shape[0], math.prod(shape[1:])
+        u = torch.randn(m, self.rank, generator=torch.Generator().manual_seed(direction_seed(seed, name)))
+        v_gen = torch.Generator().manual_seed(direction_seed(self._v_seed if v_seed is None else v_seed, name))
+        return u, torch.randn(n, self.rank, generator=v_gen)
+
+    def draw(self, out, seed, name):
+        if out.dim() < 2:
+            return fill_direction(out, seed, name)
+        u, v = self.factors(seed, name, tuple(out.shape))
+        torch.mm(u, v.t(), out=out.view(u.shape[0], v.shape[0]))
+        return out
+
+    def describe(self):
+        return {"name": self.name, "rank": self.rank, "interval": self.interval}
+
+
+@dataclass
+class ZOLowRankMomentum(ZOLowRank):
+    """LOZO-M, as the authors' ``lowrank_zo_update_momentum``: momentum kept in U-space per matrix,
+    M [m, rank] (first step M = g U, then M = beta M + (1 - beta) g U); when V is resampled, the
+    previous M is carried over as M V_old^T V / n; theta -= lr (M V^T + wd theta). 1-D tensors: M =
+    g z, then beta M + (1 - beta) g z. State: rank / n floats per matrix entry, one per 1-D entry.
+    (The authors' code never projects with interval 1; here the projection is applied every time V
+    changes.)"""
+
+    beta1: float = 0.9
+    name = "lozo-m"
+    whole_state = ("momentum_u",)
+
+    def state_bytes(self, shapes):
+        return 4.0 * sum(s[0] * self.rank if len(s) >= 2 else math.prod(s) for s in shapes.values())
+
+    def _blend(self, state, key, value, project=None):
+        previous = state.get(key)
+        if previous is None:
+            state[key] = value
+        else:
+            carried = previous if project is None else project(previous)
+            state[key] = carried.mul_(self.beta1).add_(value, alpha=1 - self.beta1)
+        return state[key]
+
+    def estimate(self, where, samples, state, z_of, restore=None):
+        if restore is not None:
+            where.view.add_(z_of(restore[0]), alpha=restore[1])
+        if len(where.shape) < 2:  # this rank's share, like theta
+            return self._blend(state, "momentum", sum(z_of(seed) * g for seed, g in samples))
+        n = math.prod(where.shape[1:])
+        pairs = [(self.factors(seed, where.name, where.shape), g) for seed, g in samples]
+        v = pairs[0][0][1]
+        gu = sum(u * g for (u, _), g in pairs)
+        project = None
+        if self._v_old_seed is not None and self._step % self.interval == 0:
+            v_old = self.factors(0, where.name, where.shape, self._v_old_seed)[1]
+            project = lambda m: m @ (v_old.t() @ v) / n  # noqa: E731
+        m = self._blend(state, "momentum_u", gu, project)
+        full = (m @ v.t()).view(where.full_shape)
+        return full[where.index].to(where.view.dtype)
+
+    def describe(self):
+        return {**super().describe(), "beta1": self.beta1}
+
+
 METHODS = {"sgd": ZOSGD, "sign": ZOSign, "momentum": ZOMomentum, "adam": ZOAdam, "sparse": ZOSparse,
-           "hizoo": ZOHiZOO}
+           "hizoo": ZOHiZOO, "conservative": ZOConservative, "lozo": ZOLowRank, "lozo-m": ZOLowRankMomentum}
 
 
 def resolve_method(method: Union[None, str, ZOMethod], **hyper) -> ZOMethod:
