@@ -14,13 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import max_abs_diff
-from test_heads import build_task_checkpoint
 from test_mezo import EPS, SEED, WD, RecordingMeZOTrainer, z_of
-from test_zo_methods import no_decay
+from test_zo_methods import _args as method_args
+from test_zo_methods import build_classifier, no_decay, train_lora_beside_peft
 from transformers import default_data_collator
 
 from sglang_hf_bridge import SGLangRobertaForSequenceClassification
-from sglang_hf_bridge.training import MeZOTrainingArguments
 from sglang_hf_bridge.training.zo_methods import ZOConservative
 
 LR, STEPS, RANK, INTERVAL, BETA1 = 1e-3, 5, 2, 2, 0.9  # interval 2: V is resampled (and M projected) twice
@@ -145,25 +144,12 @@ def conservative_reference(model, params, batches, lr):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    path = tmp_path_factory.mktemp("zo-lowrank")
-    hf = build_task_checkpoint(path, "roberta", "ForSequenceClassification", seed=71, num_labels=2,
-                               vocab_size=300, num_hidden_layers=2)
-    g = torch.Generator().manual_seed(73)
-    rows = []
-    for i in range(48):
-        n = int(torch.randint(4, 24, (1,), generator=g))
-        ids = torch.randint(3, 300, (24,), generator=g)
-        ids[0] = 0
-        rows.append({"input_ids": ids, "attention_mask": (torch.arange(24) < n).long(), "labels": i % 2})
-    return path, hf, rows
+    return build_classifier(tmp_path_factory.mktemp("zo-lowrank"), 71, 48)
 
 
 def _args(out, method, **extra):
-    kwargs = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, learning_rate=LR,
-                  weight_decay=WD, lr_scheduler_type="constant", zo_eps=EPS, seed=SEED, report_to=[],
-                  save_strategy="no", logging_steps=1, use_cpu=True, zo_optimizer=method, zo_lozo_rank=RANK,
-                  zo_lozo_interval=INTERVAL, zo_lozo_beta1=BETA1)
-    return MeZOTrainingArguments(**{**kwargs, **extra})
+    return method_args(out, method, **{"max_steps": STEPS, "zo_lozo_rank": RANK, "zo_lozo_interval": INTERVAL,
+                                       "zo_lozo_beta1": BETA1, **extra})
 
 
 def _check_grads(trainer, ref):
@@ -195,26 +181,10 @@ def test_full_parameter_lozo_equals_the_authors_rule(classifier, tmp_path, metho
 
 @pytest.mark.parametrize("method", ["lozo", "lozo-m"])
 def test_lora_lozo_equals_peft_under_the_same_rule(classifier, tmp_path, method):
-    from peft import LoraConfig, get_peft_model
-
-    from sglang_hf_bridge.training.mezo import _peft_saved_name
-
-    path, hf, rows = classifier
-    torch.manual_seed(0)
-    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                                              target_modules=["query", "value"],
-                                                              init_lora_weights=False)).eval()
-    peft_model.save_pretrained(tmp_path / "adapter")
-    with SGLangRobertaForSequenceClassification.from_pretrained(path) as model:
-        model.load_adapter(tmp_path / "adapter", adapter_name="task")
-        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path / "out", method, zo_trainable="lora"),
-                                       train_dataset=rows, data_collator=default_data_collator)
-        trainer.train()
-        params = {_peft_saved_name(n): p for n, p in peft_model.named_parameters()
-                  if "lora_" in n or "modules_to_save" in n}
-        _check_grads(trainer, lozo_reference(peft_model, params, trainer.seen, momentum=method == "lozo-m"))
-        tensors = model.adapter_tensors("task")
-        assert max(max_abs_diff(tensors[n], p) for n, p in params.items()) <= 1e-6
+    trainer, peft_model, params, tensors = train_lora_beside_peft(
+        classifier, tmp_path, _args(tmp_path / "out", method, zo_trainable="lora"))
+    _check_grads(trainer, lozo_reference(peft_model, params, trainer.seen, momentum=method == "lozo-m"))
+    assert max(max_abs_diff(tensors[n], p) for n, p in params.items()) <= 1e-6
 
 
 def test_full_parameter_conservative_equals_zo_bench(classifier, tmp_path):

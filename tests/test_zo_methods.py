@@ -94,19 +94,23 @@ def reference(model, params, batches, method: str, samples: int = 1, steps=None)
     return grads
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    path = tmp_path_factory.mktemp("zo-methods")
-    hf = build_task_checkpoint(path, "roberta", "ForSequenceClassification", seed=61, num_labels=2,
+def build_classifier(path, seed: int, n_rows: int):
+    """A 2-layer RoBERTa classifier saved at ``path`` and ``n_rows`` random padded rows."""
+    hf = build_task_checkpoint(path, "roberta", "ForSequenceClassification", seed=seed, num_labels=2,
                                vocab_size=300, num_hidden_layers=2)
-    g = torch.Generator().manual_seed(67)
+    g = torch.Generator().manual_seed(seed + 6)
     rows = []
-    for i in range(32):
+    for i in range(n_rows):
         n = int(torch.randint(4, 24, (1,), generator=g))
         ids = torch.randint(3, 300, (24,), generator=g)
         ids[0] = 0
         rows.append({"input_ids": ids, "attention_mask": (torch.arange(24) < n).long(), "labels": i % 2})
     return path, hf, rows
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    return build_classifier(tmp_path_factory.mktemp("zo-methods"), 61, 32)
 
 
 def _args(out, method, **extra):
@@ -142,8 +146,9 @@ def test_full_parameter_methods_equal_their_published_rule(classifier, tmp_path,
                 assert torch.equal(state[n][frozen], p.detach()[frozen]), n
 
 
-@pytest.mark.parametrize("method", ["adam", "sparse", "hizoo"])
-def test_lora_methods_equal_peft_under_the_same_rule(classifier, tmp_path, method):
+def train_lora_beside_peft(classifier, tmp_path, args):
+    """MeZO on an engine adapter that PEFT also holds (the same random A and B): (trainer, the PEFT
+    model, its trained tensors by saved name, the engine's tensors after training)."""
     from peft import LoraConfig, get_peft_model
 
     from sglang_hf_bridge.training.mezo import _peft_saved_name
@@ -156,16 +161,21 @@ def test_lora_methods_equal_peft_under_the_same_rule(classifier, tmp_path, metho
     peft_model.save_pretrained(tmp_path / "adapter")
     with SGLangRobertaForSequenceClassification.from_pretrained(path) as model:
         model.load_adapter(tmp_path / "adapter", adapter_name="task")
-        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path / "out", method, zo_trainable="lora"),
-                                       train_dataset=rows, data_collator=default_data_collator)
+        trainer = RecordingMeZOTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
         trainer.train()
         params = {_peft_saved_name(n): p for n, p in peft_model.named_parameters()
                   if "lora_" in n or "modules_to_save" in n}
-        ref = reference(peft_model, params, trainer.seen, method)
-        for a, b in zip([h["projected_grads"][0] for h in trainer.zo_history], ref):
-            assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)
-        tensors = model.adapter_tensors("task")
-        assert max(max_abs_diff(tensors[n], p) for n, p in params.items()) <= 1e-6
+        return trainer, peft_model, params, model.adapter_tensors("task")
+
+
+@pytest.mark.parametrize("method", ["adam", "sparse", "hizoo"])
+def test_lora_methods_equal_peft_under_the_same_rule(classifier, tmp_path, method):
+    trainer, peft_model, params, tensors = train_lora_beside_peft(
+        classifier, tmp_path, _args(tmp_path / "out", method, zo_trainable="lora"))
+    ref = reference(peft_model, params, trainer.seen, method)
+    for a, b in zip([h["projected_grads"][0] for h in trainer.zo_history], ref):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)
+    assert max(max_abs_diff(tensors[n], p) for n, p in params.items()) <= 1e-6
 
 
 def test_resume_continues_the_methods_trajectory(classifier, tmp_path):
