@@ -23,10 +23,9 @@ from sglang_hf_bridge import SGLangRobertaForSequenceClassification
 from sglang_hf_bridge.training.zo_methods import ZOConservative
 
 LR, STEPS, RANK, INTERVAL, BETA1 = 1e-3, 5, 2, 2, 0.9  # interval 2: V is resampled (and M projected) twice
-# Large enough that the second step keeps theta + lr g z (the test checks a choice was made), and few
-# steps: the weights' difference grows as lr x the projected gradients' float32 rounding. The LoRA
-# test: lr 3e-3, 3 steps.
-CONSERVATIVE_LR, CONSERVATIVE_STEPS = 0.1, 2
+# A learning rate large enough that steps are rejected (the test checks a choice was made) is large
+# against the projected gradient's float32 rounding, ~1e-7 / (2 eps): eps 0.1 keeps lr x that small.
+CONSERVATIVE_LR, CONSERVATIVE_STEPS, CONSERVATIVE_EPS = 0.05, 4, 0.1
 
 
 def _seed(step: int) -> int:
@@ -98,7 +97,7 @@ def lozo_reference(model, params, batches, momentum: bool):
     return grads
 
 
-def conservative_reference(model, params, batches, lr):
+def conservative_reference(model, params, batches, lr, eps=EPS):
     """ZO-Bench's ``zo_conserv_step`` with torch's SGD (no weight decay): l0, l+, l-, then the
     update, its opposite, and their comparisons."""
     optimizer = torch.optim.SGD(list(params.values()), lr=lr)
@@ -120,12 +119,12 @@ def conservative_reference(model, params, batches, lr):
 
         with torch.no_grad():
             loss0 = _loss(model, batch)
-            move(EPS)
+            move(eps)
             l_plus = _loss(model, batch)
-            move(-2 * EPS)
+            move(-2 * eps)
             l_minus = _loss(model, batch)
-            move(EPS)
-            g = (l_plus - l_minus) / (2 * EPS)
+            move(eps)
+            g = (l_plus - l_minus) / (2 * eps)
             grads.append(g)
             update(1.0)
             loss1 = _loss(model, batch)
@@ -144,7 +143,7 @@ def conservative_reference(model, params, batches, lr):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    return build_classifier(tmp_path_factory.mktemp("zo-lowrank"), 71, 48)
+    return build_classifier(tmp_path_factory.mktemp("zo-lowrank"), 71, 73, 48)
 
 
 def _args(out, method, **extra):
@@ -191,12 +190,12 @@ def test_full_parameter_conservative_equals_zo_bench(classifier, tmp_path):
     path, hf, rows = classifier
     with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
         args = _args(tmp_path, "conservative", weight_decay=0.0, learning_rate=CONSERVATIVE_LR,
-                     max_steps=CONSERVATIVE_STEPS)
+                     max_steps=CONSERVATIVE_STEPS, zo_eps=CONSERVATIVE_EPS)
         trainer = RecordingMeZOTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
         trainer.train()
         ref_model = copy.deepcopy(hf)
         params = dict(ref_model.named_parameters())
-        grads, kept = conservative_reference(ref_model, params, trainer.seen, CONSERVATIVE_LR)
+        grads, kept = conservative_reference(ref_model, params, trainer.seen, CONSERVATIVE_LR, CONSERVATIVE_EPS)
         _check_grads(trainer, grads)
         assert [h["kept"] for h in trainer.zo_history] == kept
         assert len(set(kept)) > 1  # steps were kept and rejected: the choice is tested

@@ -94,11 +94,11 @@ def reference(model, params, batches, method: str, samples: int = 1, steps=None)
     return grads
 
 
-def build_classifier(path, seed: int, n_rows: int):
+def build_classifier(path, seed: int, data_seed: int, n_rows: int):
     """A 2-layer RoBERTa classifier saved at ``path`` and ``n_rows`` random padded rows."""
     hf = build_task_checkpoint(path, "roberta", "ForSequenceClassification", seed=seed, num_labels=2,
                                vocab_size=300, num_hidden_layers=2)
-    g = torch.Generator().manual_seed(seed + 6)
+    g = torch.Generator().manual_seed(data_seed)
     rows = []
     for i in range(n_rows):
         n = int(torch.randint(4, 24, (1,), generator=g))
@@ -110,7 +110,7 @@ def build_classifier(path, seed: int, n_rows: int):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    return build_classifier(tmp_path_factory.mktemp("zo-methods"), 61, 32)
+    return build_classifier(tmp_path_factory.mktemp("zo-methods"), 61, 67, 32)
 
 
 def _args(out, method, **extra):
