@@ -355,3 +355,27 @@ def test_half_precision_lora_keeps_the_methods_state_on_float32_master_copies(cl
         assert max(max_abs_diff(master[n], initial[n]) for n in params) > 1e-5  # it trained
         tensors = model.adapter_state_dict("task")
         assert all(torch.equal(tensors[n], master[n].to(torch.bfloat16)) for n in params)
+
+
+def _method_store_keys(engine):
+    return sorted(engine.__dict__.get("zo_method_state", {}))
+
+
+def test_an_adapters_method_state_goes_with_it_and_sparse_warns_on_zero_tensors(classifier, tmp_path, caplog):
+    """The method state of an adapter lives on the ranks beside its matrices: deleting the adapter
+    frees it. Sparse MeZO on a fresh adapter (B = 0) says that B's threshold is 0."""
+    import logging
+
+    path, _, rows = classifier
+    with SGLangRobertaForSequenceClassification.from_pretrained(path) as model:
+        from peft import LoraConfig
+
+        model.add_adapter(LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]), adapter_name="t")
+        lora_id = model.adapter_info("t").lora_id
+        with caplog.at_level(logging.WARNING, logger="sglang_hf_bridge.training.zo_methods"):
+            RecordingMeZOTrainer(model=model, args=_args(tmp_path, "sparse", zo_trainable="lora", max_steps=1),
+                                 train_dataset=rows, data_collator=default_data_collator).train()
+        assert "all zeros at the start" in caplog.text and "lora_B" in caplog.text
+        assert lora_id in model.runtime.collective_rpc(_method_store_keys)[0]
+        model.delete_adapter("t")
+        assert lora_id not in model.runtime.collective_rpc(_method_store_keys)[0]

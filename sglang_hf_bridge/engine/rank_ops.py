@@ -27,6 +27,7 @@ def rank_load_adapter(engine, name: str, weights, rank: int, scaling: float, lor
 @writes(lambda lora_id: AdapterWrite(lora_id))
 def rank_unload_adapter(engine, lora_id: str) -> None:
     engine.adapters.unload(lora_id)
+    engine.__dict__.get("zo_method_state", {}).pop(lora_id, None)  # a ZO method's state for it (weights.py)
 
 
 @writes(lambda lora_id: AdapterWrite(lora_id))

@@ -23,6 +23,7 @@ travels to every rank, so a user's class must be importable there (defined in a 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -32,6 +33,7 @@ import torch
 from ..engine.directions import direction_seed, fill_direction
 
 State = Dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class ZOMethod:
@@ -221,6 +223,12 @@ class ZOSparse(ZOMethod):
     def setup(self, full_tensors):
         if not self.thresholds:
             self.thresholds = {n: self.threshold_of(t) for n, t in full_tensors.items()}
+            zeros = sorted(n for n, t in full_tensors.items() if not t.any())
+            if zeros:  # LoRA's B starts at zero: h = 0, so after its first move B is never perturbed again
+                logger.warning("zo_optimizer='sparse': %d trained tensor(s) are all zeros at the start (%s%s), so "
+                               "their threshold is 0 and only their still-zero entries are trained (after step 1: "
+                               "none). Sparse MeZO is a full-parameter rule; start from a trained adapter, or "
+                               "use another method.", len(zeros), zeros[0], ", ..." if len(zeros) > 1 else "")
 
     def setup_state(self):
         return {"thresholds": dict(self.thresholds)}
