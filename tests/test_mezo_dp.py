@@ -48,6 +48,11 @@ JOBS = {
     "conservative": ("lora", 3, 3, {"zo_optimizer": "conservative"}),
     # LOZO-M: V resampled at step 2, its U-space momentum projected, on every process alike
     "lozo-m": ("lora", 3, 3, {"zo_optimizer": "lozo-m", "zo_lozo_interval": 2}),
+    # the other methods: the same weights on every process as in one
+    "sign": ("lora", 3, 3, {"zo_optimizer": "sign"}),
+    "momentum": ("lora", 3, 3, {"zo_optimizer": "momentum"}),
+    "sparse": ("full", 3, 3, {"zo_optimizer": "sparse"}),
+    "lozo": ("full", 3, 3, {"zo_optimizer": "lozo", "zo_lozo_interval": 2}),
 }
 DROPPED = {3, 13, 14, 15}  # positions in the global batch of 16 that "uneven" drops
 
@@ -299,7 +304,7 @@ def setup(tmp_path_factory):
 def runs(setup, tmp_path_factory):
     """One torchrun launch (2 x 8) and one single process (1 x 16), same jobs."""
     ckpt, adapter = setup
-    jobs = "full,lora,uneven,lora4,resume,cls,adam,hizoo,conservative,lozo-m"
+    jobs = "full,lora,uneven,lora4,resume,cls,adam,hizoo,conservative,lozo-m,sign,momentum,sparse,lozo"
     dp, ref = tmp_path_factory.mktemp("dp"), tmp_path_factory.mktemp("ref")
     rc, output, seconds = _launch(dp, ckpt, adapter, jobs, nproc=2)
     assert rc == 0, output[-6000:]
@@ -465,14 +470,23 @@ def test_each_rank_gets_its_shard_of_every_global_batch(runs):
                                              ("cls", "model.safetensors"), ("adam", "adapter_model.safetensors"),
                                              ("hizoo", "adapter_model.safetensors"),
                                              ("conservative", "adapter_model.safetensors"),
-                                             ("lozo-m", "adapter_model.safetensors")])
+                                             ("lozo-m", "adapter_model.safetensors"),
+                                             ("sign", "adapter_model.safetensors"),
+                                             ("momentum", "adapter_model.safetensors"),
+                                             ("sparse", "model.safetensors"), ("lozo", "model.safetensors")])
 def test_two_processes_match_one_process_on_the_same_examples(runs, setup, job, checkpoint):
     dp = _tensors(runs.dp / job / "checkpoint-3" / checkpoint)
     ref = _tensors(runs.ref / job / "checkpoint-3" / checkpoint)
     # HiZOO's curvature |l+ + l- - 2 l0| / (2 eps^2) turns the ~1e-7 loss differences of other batch
     # compositions (8 rows per engine batch vs 16) into ~5 % of H at eps = 1e-3: the same trajectory
     # to 1e-4, not to MeZO's 1e-6 (measured 5.7e-6).
-    assert _max_diff(dp, ref) <= (1e-4 if job == "hizoo" else 1e-6)
+    if job == "sparse":  # the mask |theta| <= h is discontinuous: an entry within rounding of h
+        # (~1e-7, other batch compositions) is trained in one run and not the other. All but those few
+        # entries agree to 1e-6.
+        differ = sum(int(((dp[k].double() - ref[k].double()).abs() > 1e-6).sum()) for k in dp)
+        assert differ <= 1e-4 * sum(t.numel() for t in dp.values()), differ
+    else:
+        assert _max_diff(dp, ref) <= (1e-4 if job == "hizoo" else 1e-6)
     if job in ("full", "cls"):  # and training moved the weights
         start = _tensors(Path(setup[0]) / "model.safetensors")
         assert max(float((dp[k] - start[k]).abs().max()) for k in dp if k in start) > 1e-4
