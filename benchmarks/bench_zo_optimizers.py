@@ -75,6 +75,7 @@ SIGN_G_FALLBACK = {"lora": 0.134, "full": 1.92}  # median |g| of 60-step sgd run
 # (zero-shot evaluation + the first epoch) and per run (trainer start, resets).
 SGD_S_PER_STEP = {"lora": 0.13, "full": 0.06}
 EVAL_S, CACHE_FILL_S, RUN_OVERHEAD_S, TIMING_CHILD_S = 1.5, 80.0, 3.0, 18.0
+TIMING_CHILD_TIMEOUT_S = 900
 DEFAULT_FORWARDS, DEFAULT_TOP_LAYERS = 1000, 2  # sized for ~60 min (module docstring)
 
 
@@ -284,7 +285,11 @@ def run_timing(modes: List[str], methods: List[str], a) -> List[dict]:
             cmd = [sys.executable, __file__, "--_timing-child", mode, method] + [
                 x for k in ("batch_size", "full_top_layers", "timing_steps", "timing_warmup", "timing_batches")
                 for x in (f"--{k.replace('_', '-')}", str(getattr(a, k)))]
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+            try:  # bounded: a stuck child is reported and skipped
+                r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), timeout=TIMING_CHILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"[timing] {mode} {method}: no result within {TIMING_CHILD_TIMEOUT_S} s, skipped", flush=True)
+                continue
             line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
             if r.returncode or not line:
                 print(f"[timing] {mode} {method} failed:\n{r.stderr[-2000:]}", flush=True)
