@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import max_abs_diff
 from test_mezo import EPS, SEED, WD, RecordingMeZOTrainer, z_of
 from test_zo_methods import _args as method_args
-from test_zo_methods import build_classifier, no_decay, train_lora_beside_peft
+from test_zo_methods import build_classifier, no_decay, train_full_parameter, train_lora_beside_peft
 from transformers import default_data_collator
 
 from sglang_hf_bridge import SGLangRobertaForSequenceClassification
@@ -160,22 +160,16 @@ def _check_grads(trainer, ref):
 
 @pytest.mark.parametrize("method", ["lozo", "lozo-m"])
 def test_full_parameter_lozo_equals_the_authors_rule(classifier, tmp_path, method):
-    path, hf, rows = classifier
-    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
-        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path, method), train_dataset=rows,
-                                       data_collator=default_data_collator)
-        trainer.train()
-        ref_model = copy.deepcopy(hf)
-        params = dict(ref_model.named_parameters())
-        _check_grads(trainer, lozo_reference(ref_model, params, trainer.seen, momentum=method == "lozo-m"))
-        state = model.state_dict()
-        assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
-        assert max(max_abs_diff(state[n], p) for n, p in hf.named_parameters()) > 1e-5  # it trained
-        # The perturbation of a matrix is U V^T: rank RANK, where a full z has full rank.
-        method = trainer.args.zo_method()
-        name = "roberta.encoder.layer.0.attention.self.query.weight"
-        d = method.draw(torch.empty(state[name].shape), _seed(0), name)
-        assert torch.linalg.matrix_rank(d).item() == RANK < torch.linalg.matrix_rank(z_of(0, name, d.shape)).item()
+    _, hf, _ = classifier
+    trainer, ref_model, state, _ = train_full_parameter(classifier, _args(tmp_path, method))
+    params = dict(ref_model.named_parameters())
+    _check_grads(trainer, lozo_reference(ref_model, params, trainer.seen, momentum=method == "lozo-m"))
+    assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
+    assert max(max_abs_diff(state[n], p) for n, p in hf.named_parameters()) > 1e-5  # it trained
+    # The perturbation of a matrix is U V^T: rank RANK, where a full z has full rank.
+    name = "roberta.encoder.layer.0.attention.self.query.weight"
+    d = trainer.args.zo_method().draw(torch.empty(state[name].shape), _seed(0), name)
+    assert torch.linalg.matrix_rank(d).item() == RANK < torch.linalg.matrix_rank(z_of(0, name, d.shape)).item()
 
 
 @pytest.mark.parametrize("method", ["lozo", "lozo-m"])
@@ -187,20 +181,15 @@ def test_lora_lozo_equals_peft_under_the_same_rule(classifier, tmp_path, method)
 
 
 def test_full_parameter_conservative_equals_zo_bench(classifier, tmp_path):
-    path, hf, rows = classifier
-    with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
-        args = _args(tmp_path, "conservative", weight_decay=0.0, learning_rate=CONSERVATIVE_LR,
-                     max_steps=CONSERVATIVE_STEPS, zo_eps=CONSERVATIVE_EPS)
-        trainer = RecordingMeZOTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
-        trainer.train()
-        ref_model = copy.deepcopy(hf)
-        params = dict(ref_model.named_parameters())
-        grads, kept = conservative_reference(ref_model, params, trainer.seen, CONSERVATIVE_LR, CONSERVATIVE_EPS)
-        _check_grads(trainer, grads)
-        assert [h["kept"] for h in trainer.zo_history] == kept
-        assert len(set(kept)) > 1  # steps were kept and rejected: the choice is tested
-        state = model.state_dict()
-        assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
+    args = _args(tmp_path, "conservative", weight_decay=0.0, learning_rate=CONSERVATIVE_LR,
+                 max_steps=CONSERVATIVE_STEPS, zo_eps=CONSERVATIVE_EPS)
+    trainer, ref_model, state, _ = train_full_parameter(classifier, args)
+    params = dict(ref_model.named_parameters())
+    grads, kept = conservative_reference(ref_model, params, trainer.seen, CONSERVATIVE_LR, CONSERVATIVE_EPS)
+    _check_grads(trainer, grads)
+    assert [h["kept"] for h in trainer.zo_history] == kept
+    assert len(set(kept)) > 1  # steps were kept and rejected: the choice is tested
+    assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
 
 
 @pytest.mark.parametrize("paired", [True, False])

@@ -121,29 +121,34 @@ def _args(out, method, **extra):
     return MeZOTrainingArguments(**{**kwargs, **extra})
 
 
-@pytest.mark.parametrize("method", ["sign", "momentum", "adam", "sparse", "hizoo"])
-def test_full_parameter_methods_equal_their_published_rule(classifier, tmp_path, method):
+def train_full_parameter(classifier, args):
+    """MeZO on every engine weight: (trainer, a copy of the HF model for the reference, the engine's
+    state dict after training, the method's state after training)."""
     path, hf, rows = classifier
     with SGLangRobertaForSequenceClassification.from_pretrained(path, enable_lora=False) as model:
-        trainer = RecordingMeZOTrainer(model=model, args=_args(tmp_path, method), train_dataset=rows,
-                                       data_collator=default_data_collator)
+        trainer = RecordingMeZOTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
         trainer.train()
-        ref_model = copy.deepcopy(hf)
-        params = dict(ref_model.named_parameters())
-        ref = reference(ref_model, params, trainer.seen, method)
-        for a, b in zip([h["projected_grads"][0] for h in trainer.zo_history], ref):
-            assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)
-        state = model.state_dict()
-        assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
-        assert max(max_abs_diff(state[n], p) for n, p in hf.named_parameters()) > 1e-5  # it trained
-        if method == "hizoo":  # the Hessian estimate moved away from its start (so the test sees it)
-            hessian = trainer.zo_target().method_state(trainer.args.zo_method())
-            assert max(float((keys["hessian"] - 1).abs().max()) for keys in hessian.values()) > 1e-3
-            assert all("loss_at_theta" in h for h in trainer.zo_history)
-        if method == "sparse":  # the largest 80 % of every tensor never moved
-            for n, p in hf.named_parameters():
-                frozen = p.abs() > sparse_threshold(p)
-                assert torch.equal(state[n][frozen], p.detach()[frozen]), n
+        method_state = trainer.zo_target().method_state(args.zo_method())
+        return trainer, copy.deepcopy(hf), model.state_dict(), method_state
+
+
+@pytest.mark.parametrize("method", ["sign", "momentum", "adam", "sparse", "hizoo"])
+def test_full_parameter_methods_equal_their_published_rule(classifier, tmp_path, method):
+    _, hf, _ = classifier
+    trainer, ref_model, state, method_state = train_full_parameter(classifier, _args(tmp_path, method))
+    params = dict(ref_model.named_parameters())
+    ref = reference(ref_model, params, trainer.seen, method)
+    for a, b in zip([h["projected_grads"][0] for h in trainer.zo_history], ref):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)
+    assert max(max_abs_diff(state[n], p) for n, p in params.items()) <= 1e-6
+    assert max(max_abs_diff(state[n], p) for n, p in hf.named_parameters()) > 1e-5  # it trained
+    if method == "hizoo":  # the Hessian estimate moved away from its start (so the test sees it)
+        assert max(float((keys["hessian"] - 1).abs().max()) for keys in method_state.values()) > 1e-3
+        assert all("loss_at_theta" in h for h in trainer.zo_history)
+    if method == "sparse":  # the largest 80 % of every tensor never moved
+        for n, p in hf.named_parameters():
+            frozen = p.abs() > sparse_threshold(p)
+            assert torch.equal(state[n][frozen], p.detach()[frozen]), n
 
 
 def train_lora_beside_peft(classifier, tmp_path, args):

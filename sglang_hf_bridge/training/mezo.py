@@ -345,13 +345,14 @@ class MeZOTrainer(Trainer):
                              step: int) -> float:
         """ZO-SGD-Cons: the losses at theta -+ lr * g * d (two forward passes, one all-reduce), then
         the kept point committed as an update theta - lr (s g d + wd theta), s in {1, 0, -1}."""
-        move = lr * method.projected_gradient(g)
-        s_opposite, s_step, count = self._sums_around(target, model, inputs, seed, move, method, restore=True) \
-            if move else (0.0, 0.0, 1)
-        s_opposite, s_step, count = self._global([s_opposite, s_step, count], step) if move else (0.0, 0.0, 1)
-        kept = method.choose(l_theta, s_step / count, s_opposite / count) if move and count else 0.0
+        pg = method.projected_gradient(g)
+        kept = 0.0
+        if lr * pg:  # (no move: every candidate is theta)
+            sums = self._sums_around(target, model, inputs, seed, lr * pg, method, restore=True)
+            s_opposite, s_step, count = self._global(list(sums), step)
+            kept = method.choose(l_theta, s_step / count, s_opposite / count) if count else 0.0
         if kept or self.args.weight_decay:
-            target.method_update([(seed, kept * method.projected_gradient(g))], lr, self.args.weight_decay, method)
+            target.method_update([(seed, kept * pg)], lr, self.args.weight_decay, method)
         return kept
 
     # ---- checkpoints -------------------------------------------------------------------------
