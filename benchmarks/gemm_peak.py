@@ -3,8 +3,9 @@
 Every benchmark's "fraction of peak" divides by this, not by torch's default ``matmul`` (on an AMD
 EPYC with AVX-512 MKL's float32 product reaches less than half of what oneDNN or ONNX Runtime get
 from the same CPU, and a peak taken from it printed 150 % for those runtimes). Paths: torch's
-``F.linear`` (MKL in float32), oneDNN's linear (``engine/gemm.py``), and ONNX Runtime's and
-OpenVINO's MatMul when installed. Shape: roberta-base's FFN up-projection at 2048 tokens.
+``F.linear`` (MKL in float32), oneDNN's linear on plain and on packed weights (``engine/gemm.py``),
+and ONNX Runtime's and OpenVINO's MatMul when installed. Shape: roberta-base's FFN up-projection
+at 2048 tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Dict
 
 import torch
 
+from sglang_hf_bridge import compat
 from sglang_hf_bridge.engine import gemm
 
 
@@ -58,8 +60,11 @@ def gemm_throughputs(dtype: torch.dtype, m: int = 2048, k: int = 768, n: int = 3
     out = {}
     with torch.inference_mode():
         for path in gemm.available_paths("cpu", str(dtype).replace("torch.", "")):
-            fn = gemm.linear_fn(path)
-            out[f"torch {path}"] = flops / _best(lambda fn=fn: fn(x, w, None), reps)
+            if path == gemm.PACKED:  # its steady state: the weight packed once beforehand
+                fn, weight = gemm.onednn_linear, compat.onednn_pack_weight(w)
+            else:
+                fn, weight = gemm.linear_fn(path), w
+            out[f"torch {path}"] = flops / _best(lambda fn=fn, weight=weight: fn(x, weight, None), reps)
     model = _onnx_matmul(m, k, n)
     feed = {"x": torch.randn(m, k).numpy()}
     if model is not None and dtype == torch.float32:

@@ -636,6 +636,19 @@ def onednn_linear(x, weight, bias, activation: str = "none"):
     return op(x, weight, bias, "none", [], "")
 
 
+def onednn_pack_weight(weight):
+    """``weight`` reordered once into the blocked layout oneDNN's linear computes from (torch's
+    private ``mkldnn._reorder_linear_weight``, what torch.compile's CPU backend emits for frozen
+    weights): an opaque oneDNN tensor ``onednn_linear`` takes in place of the weight, so the call
+    no longer reorders (bfloat16) or runs its slower plain-layout kernel (float32, short inputs).
+    A copy: it does not follow later writes to ``weight`` (engine/packed_weights.py keeps it in step)."""
+    import torch
+
+    op = _require(torch.ops.mkldnn, "_reorder_linear_weight", "torch's oneDNN weight reorder "
+                  "(mkldnn._reorder_linear_weight)")
+    return op(weight.detach(), None)  # None: no batch-size hint -- one layout for every row count
+
+
 def route_linear_layers(model, linear) -> int:
     """Make every SGLang linear layer of ``model`` compute ``linear(x, weight, bias)``; returns how
     many layers were routed. Refuses a layer whose method is not SGLang's plain unquantized one."""

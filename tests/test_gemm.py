@@ -1,7 +1,8 @@
 """The GEMM behind the engine's linears (engine/gemm.py, compat.route_linear_layers): every path
 gives transformers' answers (fp32 <= 1e-5) -- plain, with a LoRA adapter, and after in-place weight
-writes (MeZO's, which a prepacked copy would miss) -- the choice is measured once per host and
-cached, and a forced path that does not exist is refused. Speed is benchmarks/bench_gemm.py's."""
+writes (MeZO's, which a stale packed copy would miss) -- the choice is measured once per host and
+cached, and a forced path that does not exist is refused. The packed path's own rules are
+tests/test_packed_weights.py's; speed is benchmarks/gemm_peak.py's and bench_runtimes.py's."""
 
 from __future__ import annotations
 
@@ -58,8 +59,11 @@ def test_choice_is_measured_once_per_host_and_cached(tmp_path, monkeypatch):
         assert first.path == min(first.seconds, key=first.seconds.get)
         again = gemm.choose("cpu", "float32", list(reversed(shapes)))  # the same shape class
         assert (again.source, again.path) == ("cached", first.path)
-        [entry] = json.loads((tmp_path / "gemm-choice.json").read_text()).values()
+        entries = json.loads((tmp_path / "gemm-choice.json").read_text())
+        [entry] = [v for k, v in entries.items() if not k.startswith("exact-")]
         assert entry["host"]["cpu"] and entry["shapes"] == [[16, 48], [48, 16]]
+        if gemm.PACKED in first.seconds:  # packed vs plain bits checked once, cached beside the choice
+            assert [v["batches"] for k, v in entries.items() if k.startswith("exact-")] == [True]
         assert gemm.choose("cpu", "bfloat16", shapes).source == "measured"  # another dtype: measured anew
 
 
@@ -100,7 +104,7 @@ def test_routing_refuses_a_layer_it_does_not_know():
         compat.route_linear_layers(torch.nn.ModuleDict({"a": layer}), F.linear)
 
 
-@pytest.fixture(scope="module", params=["aten", "onednn"])
+@pytest.fixture(scope="module", params=["aten", "onednn", "onednn-packed"])
 def routed(request, roberta_checkpoint):
     from sglang_hf_bridge import SGLangRobertaForMaskedLM
 
@@ -123,14 +127,19 @@ def test_each_path_gives_transformers_answers(routed):
     from sglang.srt.layers.linear import LinearBase
 
     linears = [m for m in model.runtime.model.modules() if isinstance(m, LinearBase)]
-    assert linears and all(type(m.quant_method).__name__ == ("RoutedLinearMethod" if path == "onednn"
-                                                            else "UnquantizedLinearMethod") for m in linears)
+    assert linears and all(type(m.quant_method).__name__ == ("UnquantizedLinearMethod" if path == "aten"
+                                                            else "RoutedLinearMethod") for m in linears)
     mlp = model.runtime.model.layers[0].mlp  # the up-projection with GELU fused where the path has it
-    assert mlp.linear_gelu is gemm.linear_gelu_fn(path) and not compat.lora_layer_active(mlp.fc_in)
+    packed = model.runtime.local.packed_weights
+    assert (packed is not None) == (path == gemm.PACKED) and not compat.lora_layer_active(mlp.fc_in)
+    assert mlp.linear_gelu == gemm.path_functions(path, packed)[1]
     enc = _batch()
     with torch.no_grad():
         ref = hf(**enc)
-    assert max_abs_diff(model(**enc).logits, ref.logits) <= 1e-5
+    for _ in range(2):  # the packed path: plain weights at first sight, packed copies the second time
+        assert max_abs_diff(model(**enc).logits, ref.logits) <= 1e-5
+    if packed is not None:
+        assert packed.packs > 0 and packed.nbytes > 0
 
 
 def test_each_path_with_a_lora_adapter(routed):
@@ -162,6 +171,8 @@ def test_each_path_sees_in_place_weight_writes(routed):
 
     path, hf, model = routed
     names = ["roberta.encoder.layer.0.intermediate.dense.weight", "lm_head.dense.weight"]
+    for _ in range(2):
+        model(**_batch())  # the packed path has copies of every weight now
     model.runtime.collective_rpc(rank_perturb_weights, names, 7, 0.05)
     try:
         state = model.state_dict()
@@ -171,6 +182,7 @@ def test_each_path_sees_in_place_weight_writes(routed):
         with torch.no_grad():
             ref = moved(**enc)
         assert max_abs_diff(state[names[0]], hf.state_dict()[names[0]]) > 1e-3  # the write happened
-        assert max_abs_diff(model(**enc).logits, ref.logits) <= 1e-5
+        for _ in range(2):  # first sight of the new weights, then their new packed copies
+            assert max_abs_diff(model(**enc).logits, ref.logits) <= 1e-5
     finally:
         model.runtime.collective_rpc(rank_perturb_weights, names, 7, -0.05)

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForMaskedLM, pipeline
 
 from sglang_hf_bridge import SGLangRobertaForMaskedLM
+from sglang_hf_bridge.engine import gemm
 
 TOL = 1e-5
 TEXTS = ["The movie was <mask>.", "A longer sentence about a <mask> film that I <mask> watched.", "<mask>"]
@@ -20,7 +21,9 @@ TEXTS = ["The movie was <mask>.", "A longer sentence about a <mask> film that I 
 def tp_pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("tp-ckpt")
     hf = build_checkpoint(path, "roberta", seed=21)
-    model = SGLangRobertaForMaskedLM.from_pretrained(path, tp_size=2)
+    # The packed GEMM path where this torch has it: its copies must follow writes on every rank.
+    path_kind = gemm.PACKED if gemm.PACKED in gemm.available_paths("cpu", "float32") else "auto"
+    model = SGLangRobertaForMaskedLM.from_pretrained(path, tp_size=2, gemm=path_kind)
     yield path, hf, model
     model.close()
 
@@ -36,6 +39,31 @@ def test_forward_loss_hidden_states_match_hf(tp_pair, tokenizer):
         cm = model.compute_mlm_logits(enc["input_ids"], enc["attention_mask"], vocab_ids=label_ids)
         assert max_abs_diff(cm, ref.logits[enc["input_ids"] == tokenizer.mask_token_id][:, label_ids]) <= TOL
     assert model.engine_pool_stats() == model.engine_pool_capacity()
+
+
+def test_packed_copies_follow_weight_writes_on_every_rank(tp_pair):
+    """Each rank packs its own shards; a write (MeZO's) must drop the workers' copies too, or the
+    shards they hold answer from the old weights."""
+    from sglang_hf_bridge.engine import rank_perturb_weights, rank_set_hf_tensors
+
+    _, hf, model = tp_pair
+    names = ["roberta.encoder.layer.0.intermediate.dense.weight", "roberta.encoder.layer.1.output.dense.weight",
+             "roberta.encoder.layer.1.attention.self.key.weight"]
+    ids = torch.tensor([[0, 5, 6, 7, 8, 2], [0, 9, 10, 2, 1, 1]])
+    enc = {"input_ids": ids, "attention_mask": (ids != 1).long()}
+    for _ in range(2):
+        model(**enc)  # copies on every rank
+    model.runtime.collective_rpc(rank_perturb_weights, names, 3, 0.05)
+    try:
+        moved = type(hf)(hf.config).eval()
+        moved.load_state_dict(model.state_dict(), strict=False)
+        with torch.no_grad():
+            ref = moved(**enc).logits
+            assert max_abs_diff(ref, hf(**enc).logits) > 1e-3
+            for _ in range(2):
+                assert max_abs_diff(model(**enc).logits, ref) <= TOL
+    finally:  # the weights back bit for bit (a perturbation undone by another is not)
+        model.runtime.collective_rpc(rank_set_hf_tensors, {n: hf.state_dict()[n] for n in names})
 
 
 def test_fill_mask_pipeline(tp_pair, tokenizer):

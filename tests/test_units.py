@@ -584,10 +584,13 @@ def test_run_call_runs_declared_operation():
             seen.append(call)
             return sentinel
 
+        def after_operation(self, fn, args):  # what drops a rank's packed weight copies after writes
+            seen.append(("after", fn.__name__))
+
     path = "sglang_hf_bridge.engine.rank_ops.rank_forward"
     assert _run_call(FakeEngine(), path, ("the-call",), True) is sentinel
     assert _run_call(FakeEngine(), path, ("second",), False) is None
-    assert seen == ["the-call", "second"]
+    assert seen == ["the-call", ("after", "rank_forward"), "second", ("after", "rank_forward")]
 
 
 # ============================================================================ import arrows

@@ -1,13 +1,16 @@
 """The GEMM behind every engine linear, chosen on the host that runs it.
 
 On CPU the installed torch offers more than one matrix product for a linear layer: ``F.linear``
-("aten": MKL for float32, oneDNN for bfloat16) and oneDNN's own linear ("onednn",
+("aten": MKL for float32, oneDNN for bfloat16), oneDNN's own linear ("onednn",
 ``mkldnn._linear_pointwise``, reading the weight as it is, so in-place weight changes -- MeZO,
-adapter edits, loads -- are seen by the next call). Which is faster depends on the CPU: on an AMD
-EPYC with AVX-512 oneDNN ran float32 2.2x faster than MKL; on other hosts MKL may win. So the
-engine measures both once per host, dtype and layer shapes (a fraction of a second at engine
-start), caches the answer on disk, and routes every linear through the winner: SGLang's parallel
-layers (and, through them, its LoRA layers' base products) and the bridge's own heads.
+adapter edits, loads -- are seen by the next call) and the same linear on weights reordered once
+into oneDNN's blocked layout ("onednn-packed", :mod:`.packed_weights`: copies kept in step with
+every write). Which is fastest depends on the CPU: on an AMD EPYC with AVX-512 oneDNN ran float32
+2.2x faster than MKL, and packing gained another 1.3-1.8x at short inputs; on other hosts MKL may
+win. So the engine measures every path once per host, dtype and layer shapes (a fraction of a
+second at engine start), caches the answer on disk, and routes every linear through the winner:
+SGLang's parallel layers (and, through them, its LoRA layers' base products) and the bridge's
+own heads.
 
 ``gemm=`` (``from_pretrained``) or ``SGLANG_HF_BRIDGE_GEMM`` force a path; ``"auto"`` (default)
 measures. Off CPU only "aten" exists.
@@ -30,12 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import compat
+from .packed_weights import PackedWeights, packing_is_exact
 
 logger = logging.getLogger(__name__)
 
 ENV = "SGLANG_HF_BRIDGE_GEMM"
 CACHE_ENV = "SGLANG_HF_BRIDGE_CACHE"
-PATHS = ("aten", "onednn")
+PATHS = ("aten", "onednn", "onednn-packed")
+PACKED = "onednn-packed"
 LinearFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
@@ -63,9 +68,20 @@ LINEAR_GELUS: Dict[str, Optional[LinearFn]] = {"aten": None, "onednn": onednn_li
 def available_paths(device: str, dtype: str = "float32") -> List[str]:
     """The paths that run ``dtype`` on ``device`` with this torch (oneDNN's CPU linear has no
     float16 kernel on CPUs without AVX512-FP16: torch raises "could not create a primitive")."""
-    if device != "cpu":
+    if device != "cpu" or not _onednn_runs(dtype):
         return ["aten"]
-    return ["aten", "onednn"] if _onednn_runs(dtype) else ["aten"]
+    return ["aten", "onednn", PACKED] if _packing_runs(dtype) else ["aten", "onednn"]
+
+
+@functools.lru_cache(maxsize=None)
+def _packing_runs(dtype: str) -> bool:
+    x = torch.ones(2, 4, dtype=getattr(torch, dtype))
+    try:
+        compat.onednn_linear(x, compat.onednn_pack_weight(torch.ones(3, 4, dtype=x.dtype)), None)
+    except (RuntimeError, compat.SGLangLayoutError) as e:  # no reorder op, or no kernel for it
+        logger.debug("oneDNN packed weights unavailable in %s: %s", dtype, e)
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,11 +98,21 @@ def _onednn_runs(dtype: str) -> bool:
 
 
 def linear_fn(path: str) -> LinearFn:
+    """The product of an unpacked path (``"onednn-packed"``'s belongs to a rank's :class:`PackedWeights`)."""
     return LINEARS[path]
 
 
 def linear_gelu_fn(path: str) -> Optional[LinearFn]:
     return LINEAR_GELUS[path]
+
+
+def path_functions(path: str, packed: Optional[PackedWeights] = None) -> Tuple[LinearFn, Optional[LinearFn]]:
+    """``(linear, linear + GELU or None)`` for ``path``; the packed path computes through ``packed``."""
+    if path == PACKED:
+        if packed is None:
+            raise ValueError("the onednn-packed path needs the rank's PackedWeights")
+        return packed.linear, packed.linear_gelu
+    return LINEARS[path], LINEAR_GELUS[path]
 
 
 @dataclass
@@ -146,27 +172,67 @@ def _write_cache(key: str, entry: dict) -> None:
         logger.debug("GEMM choice not cached (%s)", e)
 
 
-def measure(paths: Sequence[str], dtype: torch.dtype, shapes: Sequence[Tuple[int, int]], tokens: int = 512,
-            repeats: int = 3) -> Dict[str, float]:
-    """Seconds one pass of ``shapes`` (``(out, in)`` weights at ``tokens`` rows) takes per path
-    (best of ``repeats``, after one warm-up)."""
+# Row counts the choice is measured at: one short batch (a sentence or two) and one long one.
+MEASURED_ROWS = (32, 512)
+
+
+def measure(paths: Sequence[str], dtype: torch.dtype, shapes: Sequence[Tuple[int, int]],
+            rows: Sequence[int] = MEASURED_ROWS, repeats: int = 3) -> Dict[str, float]:
+    """Seconds per 512 rows one pass of ``shapes`` (``(out, in)`` weights) takes per path, the
+    mean over inputs of ``rows`` rows (best of ``repeats`` each, after one warm-up). The packed
+    path is timed on weights packed beforehand: its steady state."""
     gen = torch.Generator().manual_seed(0)
-    operands = [(torch.randn(tokens, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype),
-                 torch.randn(n, generator=gen).to(dtype)) for n, k in shapes]
+    weights = [(torch.randn(n, k, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)) for n, k in shapes]
     seconds = {}
     with torch.no_grad():
         for path in paths:
-            fn = LINEARS[path]
-            best = float("inf")
-            for rep in range(repeats + 1):
-                start = time.perf_counter()
-                for x, w, b in operands:
-                    fn(x, w, b)
-                elapsed = time.perf_counter() - start
-                if rep:
-                    best = min(best, elapsed)
-            seconds[path] = best
+            if path == PACKED:
+                fn, operands = onednn_linear, [(compat.onednn_pack_weight(w), b) for w, b in weights]
+            else:
+                fn, operands = LINEARS[path], weights
+            per_row = []
+            for m in rows:
+                xs = [torch.randn(m, w.shape[1], generator=gen).to(dtype) for w, _ in weights]
+                best = float("inf")
+                for rep in range(repeats + 1):
+                    start = time.perf_counter()
+                    for x, (w, b) in zip(xs, operands):
+                        fn(x, w, b)
+                    elapsed = time.perf_counter() - start
+                    if rep:
+                        best = min(best, elapsed)
+                per_row.append(best / m)
+            seconds[path] = 512 * sum(per_row) / len(per_row)
     return seconds
+
+
+def _host_key(*parts) -> str:
+    return hashlib.sha256(json.dumps([host_description(), *parts], sort_keys=True).encode()).hexdigest()[:24]
+
+
+def packing_exactness(dtype: str, shapes: Sequence[Tuple[int, int]]) -> Dict[str, bool]:
+    """Whether packed and plain products give the same bits on this host for these shapes
+    (:func:`~.packed_weights.packing_is_exact`), at one row and at the row counts of batches;
+    cached on disk beside the choice (the packed path mixes both products of one weight version)."""
+    key = "exact-" + _host_key(dtype, sorted({tuple(s) for s in shapes}))
+    cached = _read_cache().get(key)
+    if cached is not None and all(isinstance(cached.get(k), bool) for k in ("one_row", "batches")):
+        return {k: cached[k] for k in ("one_row", "batches")}
+    t = getattr(torch, dtype)
+    exact = {"one_row": packing_is_exact(t, shapes, rows=(1,)), "batches": packing_is_exact(t, shapes)}
+    _write_cache(key, {**exact, "host": host_description(), "dtype": dtype})
+    return exact
+
+
+def packed_weights_for(dtype: str, shapes: Sequence[Tuple[int, int]]) -> PackedWeights:
+    """A rank's store for the packed path: single rows plain where they differ when packed."""
+    return PackedWeights(single_rows_plain=not packing_exactness(dtype, checked_shapes(shapes))["one_row"])
+
+
+def checked_shapes(shapes: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """The model's shapes and an output width no vector length divides (as the vocabulary's)."""
+    shape_class = sorted({tuple(s) for s in shapes})
+    return shape_class + [(1003, shape_class[0][1])]
 
 
 def choose(device: str, dtype: str, shapes: Sequence[Tuple[int, int]], requested: Optional[str] = None) -> GemmChoice:
@@ -174,17 +240,24 @@ def choose(device: str, dtype: str, shapes: Sequence[Tuple[int, int]], requested
     when it names one, else the cached or freshly measured fastest on this host."""
     requested = requested or os.environ.get(ENV) or "auto"
     paths = available_paths(device, dtype)
+    if requested not in ("auto", *PATHS):
+        raise ValueError(f"gemm={requested!r}: choose one of 'auto', {', '.join(repr(p) for p in PATHS)}")
+    if requested != "auto" and requested not in paths:
+        raise ValueError(f"gemm={requested!r} is not available on {device} with this torch "
+                         f"(available: {', '.join(paths)})")
+    if PACKED in (paths if requested == "auto" else [requested]) and \
+            not packing_exactness(dtype, checked_shapes(shapes))["batches"]:
+        if requested == PACKED:
+            raise ValueError(f"gemm={PACKED!r}: on this host oneDNN's product from packed {dtype} weights differs "
+                             "in its last bits from the product from plain ones, so answers would depend on "
+                             "which copy ran; use 'onednn'")
+        paths.remove(PACKED)
     if requested != "auto":
-        if requested not in PATHS:
-            raise ValueError(f"gemm={requested!r}: choose one of 'auto', {', '.join(repr(p) for p in PATHS)}")
-        if requested not in paths:
-            raise ValueError(f"gemm={requested!r} is not available on {device} with this torch "
-                             f"(available: {', '.join(paths)})")
         return GemmChoice(requested, "forced")
     if len(paths) == 1:
         return GemmChoice(paths[0], "only")
     shape_key = sorted({tuple(s) for s in shapes})
-    key = hashlib.sha256(json.dumps([host_description(), dtype, shape_key], sort_keys=True).encode()).hexdigest()[:24]
+    key = _host_key(dtype, shape_key, list(MEASURED_ROWS))
     cached = _read_cache().get(key)
     if cached and cached.get("path") in paths:
         return GemmChoice(cached["path"], "cached", cached.get("seconds", {}))

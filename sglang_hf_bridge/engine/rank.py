@@ -27,8 +27,10 @@ from . import gemm
 from .adapters import AdapterPool
 from .config import EngineConfig, write_engine_config_dir
 from .frozen_cache import FrozenStateStore
+from .packed_weights import PackedWeights
 from .scheduler import plan_chunks
 from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, SequenceResult
+from .versions import writes_base_weights
 
 WeightIterator = Iterable[Tuple[str, torch.Tensor]]
 
@@ -46,6 +48,7 @@ class RankEngine:
         self._holds_parallel_runtime = False
         self.adapters = AdapterPool(self)
         self.frozen_store = FrozenStateStore()  # this rank's frozen-layer states
+        self.packed_weights: Optional[PackedWeights] = None  # the "onednn-packed" GEMM path's copies
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -107,9 +110,17 @@ class RankEngine:
         self.model_runner = mr
         self.model = mr.model
         if cfg.gemm not in ("auto", "aten"):  # "aten" is SGLang's own F.linear: nothing to route
-            linear = gemm.linear_fn(cfg.gemm)
+            if cfg.gemm == gemm.PACKED:
+                self.packed_weights = gemm.packed_weights_for(cfg.dtype, gemm.encoder_linear_shapes(cfg.hf_config))
+            linear, linear_gelu = gemm.path_functions(cfg.gemm, self.packed_weights)
             compat.route_linear_layers(mr.model, linear)
-            mr.model.use_linear(linear, gemm.linear_gelu_fn(cfg.gemm))
+            mr.model.use_linear(linear, linear_gelu)
+
+    def after_operation(self, fn, args: tuple) -> None:
+        """A rank operation ran here (or failed part-way): packed weight copies go if it may
+        have written base weights."""
+        if self.packed_weights is not None and writes_base_weights(fn, args):
+            self.packed_weights.dropped()
 
     def load_weights(self, weights: WeightIterator) -> None:
         """Load HF-named tensors; every engine parameter must be filled."""
@@ -125,6 +136,8 @@ class RankEngine:
         self._closed = True
         self.model_runner = self.model = None
         self.frozen_store.tensors.clear()
+        if self.packed_weights is not None:
+            self.packed_weights.dropped()
         if self._holds_parallel_runtime:
             self._holds_parallel_runtime = False
             compat.release_parallel_runtime()
@@ -146,6 +159,8 @@ class RankEngine:
     @torch.no_grad()
     def forward_engine(self, call: EncoderCall) -> EncoderResult:
         mr = self.runner
+        if self.packed_weights is not None:
+            self.packed_weights.next_pass()
         results: List[SequenceResult] = [None] * len(call.sequences)  # type: ignore[list-item]
         budget = min(self.config.max_num_tokens, compat.kv_slot_allocator(mr).available_size())
         rows = min(self.config.max_running_requests, compat.request_to_token_pool(mr).available_size())

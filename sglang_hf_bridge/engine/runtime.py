@@ -135,7 +135,10 @@ class EncoderRuntime:
             engine = self._engine()
             try:
                 self.workers.send_call(fn, args, gather)
-                mine = fn(engine, *args)
+                try:
+                    mine = fn(engine, *args)
+                finally:
+                    engine.after_operation(fn, args)
                 return [mine] + self.workers.receive()
             finally:
                 apply_effect(self.caches.versions, fn, args)

@@ -131,7 +131,10 @@ def _run_call(engine, path: str, args: tuple, gather: bool) -> Any:
     fn = resolve_qualified_name(path)
     if not getattr(fn, "declares_effect", False):
         raise ValueError(f"{path!r} is not a declared rank operation (see engine.versions.writes)")
-    result = fn(engine, *args)
+    try:
+        result = fn(engine, *args)
+    finally:
+        engine.after_operation(fn, args)
     return result if gather else None
 
 

@@ -150,3 +150,10 @@ def apply_effect(versions: WeightVersions, fn, args: tuple) -> None:
     else:
         raise TypeError(f"{fn.__qualname__} declares a write effect of type {type(effect).__name__}; "
                         "expected BaseWrite or AdapterWrite")
+
+
+def writes_base_weights(fn, args: tuple) -> bool:
+    """Whether ``fn(engine, *args)`` may write base weights (an undeclared ``fn``: it may)."""
+    if not getattr(fn, "declares_effect", False):
+        return True
+    return fn.weight_effect is not None and isinstance(fn.weight_effect(*args), BaseWrite)

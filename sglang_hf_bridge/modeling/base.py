@@ -224,8 +224,9 @@ class SGLangPreTrainedModel(HFSurfaceMixin, SGLangAdapterMixin, EngineCacheMixin
         attention backend, through the KV pool. Same answers (tested); ``"sdpa"`` skips the KV
         round trip. ``gemm``: the matrix product behind every linear -- ``"auto"`` (default, or
         ``SGLANG_HF_BRIDGE_GEMM``) measures torch's paths once per host and takes the fastest,
-        ``"aten"`` (``F.linear``) or ``"onednn"`` force one (``engine/gemm.py``). The first call in a
-        process imports SGLang (a few seconds).
+        ``"aten"`` (``F.linear``), ``"onednn"`` or ``"onednn-packed"`` (oneDNN on weights packed
+        once, kept in step with every write; one more copy of the linears' weights) force one
+        (``engine/gemm.py``). The first call in a process imports SGLang (a few seconds).
 
         Other keywords, as transformers takes them (table: ``TRANSFORMERS_LOAD_KEYWORDS``):
         honoured -- ``torch_dtype`` (= ``dtype``), ``device_map`` naming one device, ``config=``

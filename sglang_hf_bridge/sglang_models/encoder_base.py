@@ -70,10 +70,12 @@ class EncoderWithHeads(nn.Module):
             self.lm_head.vocab_layout = self.layouts["embeddings.word_embeddings.weight"]
 
     def use_linear(self, linear, linear_gelu=None) -> None:
-        """Compute the bridge's own linears (the masked-LM head) with ``linear`` (SGLang's layers
-        are routed by compat.route_linear_layers); families add their fused kernels."""
-        if self.lm_head is not None:
-            self.lm_head.linear = linear
+        """Compute the bridge's own linears (the masked-LM head, the pooler and task heads) with
+        ``linear`` (SGLang's layers are routed by compat.route_linear_layers); families add their
+        fused kernels."""
+        for head in (self.lm_head, self.pooler, self.head):
+            if head is not None:
+                head.linear = linear
 
     def compute_logits(self, hidden: torch.Tensor, vocab_ids: Optional[torch.Tensor] = None, head=None):
         """The head on the rows it reads: masked-LM logits, or pooler -> task head. ``head``: an

@@ -20,10 +20,11 @@ class Pooler(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
+        self.linear = F.linear  # the engine's GEMM (engine/gemm.py), set by the model's use_linear
 
     def forward(self, x: torch.Tensor, own: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """``own``: an adapter's tensors (``dense.weight`` ...) in place of the module's."""
-        return torch.tanh(_linear(x, self.dense, "dense", own or {}))
+        return torch.tanh(_linear(self.linear, x, self.dense, "dense", own or {}))
 
 
 class TaskHead(nn.Module):
@@ -39,18 +40,20 @@ class TaskHead(nn.Module):
         self.activation = activation
         self.norm = norm
         self.output = nn.Linear(hidden_size, num_outputs)
+        self.linear = F.linear  # the engine's GEMM (engine/gemm.py), set by the model's use_linear
 
     def forward(self, x: torch.Tensor, own: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """``own``: an adapter's tensors (``dense.weight``, ``output.weight`` ...) in place of the module's."""
         own = own or {}
         if self.dense is not None:
-            x = self.activation(_linear(x, self.dense, "dense", own))
+            x = self.activation(_linear(self.linear, x, self.dense, "dense", own))
         if self.norm is not None:
             x = F.layer_norm(x, self.norm.normalized_shape, own.get("norm.weight", self.norm.weight),
                              own.get("norm.bias", self.norm.bias), self.norm.eps)
-        return _linear(x, self.output, "output", own)
+        return _linear(self.linear, x, self.output, "output", own)
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear, name: str, own: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``layer`` on ``x``, with an adapter's ``{name}.weight`` / ``{name}.bias`` where it has them."""
-    return F.linear(x, own.get(f"{name}.weight", layer.weight), own.get(f"{name}.bias", layer.bias))
+def _linear(linear, x: torch.Tensor, layer: nn.Linear, name: str, own: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``layer`` on ``x`` through ``linear``, with an adapter's ``{name}.weight`` / ``{name}.bias``
+    where it has them."""
+    return linear(x, own.get(f"{name}.weight", layer.weight), own.get(f"{name}.bias", layer.bias))
