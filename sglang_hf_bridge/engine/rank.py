@@ -230,13 +230,17 @@ class RankEngine:
         # Gather every position that needs the head and run it once for the whole chunk (once per
         # head where rows' adapters bring their own).
         head_input = self._head_input(call, seqs, starts, hidden)
-        logits = None
-        if head_input is not None and head_input.shape[0] > 0:
-            counts = [_head_rows(call.logits, s, n) for s, n in zip(seqs, lens)]
-            logits = self._apply_head(head_input, vocab_ids, seqs, counts)
-        qo_logits = None
+        logits = qo_logits = None
+        counts = [_head_rows(call.logits, s, n) for s, n in zip(seqs, lens)]
         if out.query_only_last is not None and head_input is not None:
-            qo_logits = self._apply_head(out.query_only_last, vocab_ids, seqs, [len(s.query_only or []) for s in seqs])
+            # One head product over the rows and the query-only rows (not one each: the tied
+            # decoder is the largest weight of the model).
+            n = head_input.shape[0]
+            both = self._apply_head(torch.cat([head_input, out.query_only_last]), vocab_ids, seqs + seqs,
+                                    counts + [len(s.query_only or []) for s in seqs])
+            logits, qo_logits = (both[:n] if n else None), both[n:]
+        elif head_input is not None and head_input.shape[0] > 0:
+            logits = self._apply_head(head_input, vocab_ids, seqs, counts)
 
         results, offset, qo_offset = [], 0, 0
         for s, st, n in zip(seqs, starts, lens):
