@@ -63,7 +63,7 @@ def gemm_throughputs(dtype: torch.dtype, m: int = 2048, k: int = 768, n: int = 3
             if path == gemm.PACKED:  # its steady state: the weight packed once beforehand
                 fn, weight = gemm.onednn_linear, compat.onednn_pack_weight(w)
             else:
-                fn, weight = gemm.linear_fn(path), w
+                fn, weight = gemm.path_functions(path)[0], w
             out[f"torch {path}"] = flops / _best(lambda fn=fn, weight=weight: fn(x, weight, None), reps)
     model = _onnx_matmul(m, k, n)
     feed = {"x": torch.randn(m, k).numpy()}

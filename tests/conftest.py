@@ -126,6 +126,21 @@ def roberta(roberta_checkpoint):
     model.close()
 
 
+def with_random_lora(model, config, seed: int = 1, std: float = 0.05):
+    """``model`` wrapped by PEFT with ``config`` (in place, as ``get_peft_model`` does) and B matrices
+    drawn (PEFT starts them at zero: the adapter would change nothing); returns (peft model, its
+    LoRA tensors as ``load_adapter(adapter_state_dict=...)`` takes them)."""
+    from peft import get_peft_model
+
+    peft = get_peft_model(model, config).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return peft, {k: v for k, v in peft.state_dict().items() if "lora_" in k}
+
+
 def max_abs_diff(a, b) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import max_abs_diff
+from conftest import max_abs_diff, with_random_lora
 
 from sglang_hf_bridge import compat
 from sglang_hf_bridge.engine import gemm
@@ -51,6 +51,7 @@ def test_fused_linear_gelu_is_exact_gelu_of_linear(dtype, tol):
 def test_choice_is_measured_once_per_host_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv(gemm.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(gemm.ENV, raising=False)
+    monkeypatch.setattr(gemm, "_EXACTNESS", {})  # measured afresh into this cache
     shapes = [(48, 16), (16, 48)]
     first = gemm.choose("cpu", "float32", shapes)
     assert first.source in ("measured", "only") and first.path in gemm.available_paths("cpu", "float32")
@@ -143,17 +144,11 @@ def test_each_path_gives_transformers_answers(routed):
 
 
 def test_each_path_with_a_lora_adapter(routed):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     path, hf, model = routed
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense", "output.dense"])
-    peft = get_peft_model(hf, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    state = {k: v for k, v in peft.state_dict().items() if "lora_" in k}
+    peft, state = with_random_lora(hf, config)
     model.load_adapter(adapter_state_dict=state, peft_config=config, adapter_name="g")
     try:
         enc = _batch()

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import max_abs_diff
+from conftest import max_abs_diff, with_random_lora
 
 from sglang_hf_bridge.engine import gemm
 from sglang_hf_bridge.engine.packed_weights import PackedWeights
@@ -79,6 +79,7 @@ def test_a_forced_packed_path_is_refused_where_packing_changes_the_bits(tmp_path
     monkeypatch.setenv(gemm.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(gemm.ENV, raising=False)
     monkeypatch.setattr(gemm, "packing_is_exact", lambda *a, **k: False)
+    monkeypatch.setattr(gemm, "_EXACTNESS", {})  # nothing this process learnt earlier
     with pytest.raises(ValueError, match="differs in its last bits"):
         gemm.choose("cpu", "float32", [(48, 16), (16, 48)], gemm.PACKED)
     choice = gemm.choose("cpu", "float32", [(48, 16), (16, 48)])
@@ -175,7 +176,7 @@ def test_an_in_place_write_through_a_parameter_is_noticed(packed_model):
 def test_mezo_steps_pack_nothing_and_adapters_keep_the_base_copies(packed_model):
     """MeZO writes between every two passes: those passes run plain (a pack used once costs more
     than it gains). Adapter writes leave the base weights -- and their copies -- alone."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from sglang_hf_bridge.engine import rank_perturb_weights, rank_set_hf_tensors
 
@@ -195,12 +196,7 @@ def test_mezo_steps_pack_nothing_and_adapters_keep_the_base_copies(packed_model)
     assert store.packs > packs  # unchanged since the last pass: packed now
     packs, held = store.packs, store.nbytes
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"])
-    peft = get_peft_model(copy.deepcopy(hf), config).eval()
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    state = {k: v for k, v in peft.state_dict().items() if "lora_" in k}
+    peft, state = with_random_lora(copy.deepcopy(hf), config)
     model.load_adapter(adapter_state_dict=state, peft_config=config, adapter_name="kept")
     try:
         assert store.nbytes == held

@@ -97,15 +97,6 @@ def _onednn_runs(dtype: str) -> bool:
     return True
 
 
-def linear_fn(path: str) -> LinearFn:
-    """The product of an unpacked path (``"onednn-packed"``'s belongs to a rank's :class:`PackedWeights`)."""
-    return LINEARS[path]
-
-
-def linear_gelu_fn(path: str) -> Optional[LinearFn]:
-    return LINEAR_GELUS[path]
-
-
 def path_functions(path: str, packed: Optional[PackedWeights] = None) -> Tuple[LinearFn, Optional[LinearFn]]:
     """``(linear, linear + GELU or None)`` for ``path``; the packed path computes through ``packed``."""
     if path == PACKED:
@@ -213,15 +204,22 @@ def _host_key(*parts) -> str:
 def packing_exactness(dtype: str, shapes: Sequence[Tuple[int, int]]) -> Dict[str, bool]:
     """Whether packed and plain products give the same bits on this host for these shapes
     (:func:`~.packed_weights.packing_is_exact`), at one row and at the row counts of batches;
-    cached on disk beside the choice (the packed path mixes both products of one weight version)."""
+    cached on disk beside the choice, and in this process (the choice and every rank ask)."""
     key = "exact-" + _host_key(dtype, sorted({tuple(s) for s in shapes}))
+    if key in _EXACTNESS:
+        return dict(_EXACTNESS[key])
     cached = _read_cache().get(key)
     if cached is not None and all(isinstance(cached.get(k), bool) for k in ("one_row", "batches")):
-        return {k: cached[k] for k in ("one_row", "batches")}
-    t = getattr(torch, dtype)
-    exact = {"one_row": packing_is_exact(t, shapes, rows=(1,)), "batches": packing_is_exact(t, shapes)}
-    _write_cache(key, {**exact, "host": host_description(), "dtype": dtype})
-    return exact
+        exact = {k: cached[k] for k in ("one_row", "batches")}
+    else:
+        t = getattr(torch, dtype)
+        exact = {"one_row": packing_is_exact(t, shapes, rows=(1,)), "batches": packing_is_exact(t, shapes)}
+        _write_cache(key, {**exact, "host": host_description(), "dtype": dtype})
+    _EXACTNESS[key] = exact
+    return dict(exact)
+
+
+_EXACTNESS: Dict[str, Dict[str, bool]] = {}  # this process's answers (a read-only cache dir measures once)
 
 
 def packed_weights_for(dtype: str, shapes: Sequence[Tuple[int, int]]) -> PackedWeights:

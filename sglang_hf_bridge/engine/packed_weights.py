@@ -90,13 +90,14 @@ class PackedWeights:
         return copy.packed
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = compat.onednn_linear(flat, self.weight_for(weight, flat.shape[0]), bias)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return self._product(x, weight, bias, "none")
 
     def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._product(x, weight, bias, "gelu")
+
+    def _product(self, x, weight, bias, activation: str) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = compat.onednn_linear(flat, self.weight_for(weight, flat.shape[0]), bias, activation="gelu")
+        out = compat.onednn_linear(flat, self.weight_for(weight, flat.shape[0]), bias, activation)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
