@@ -24,7 +24,7 @@ from .directions import (
 )
 from .gemm import PATHS as GEMM_PATHS
 from .runtime import EncoderRuntime
-from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, QueryOnlySpec, SequenceResult
+from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, LogitsDestination, QueryOnlySpec, SequenceResult
 from .versions import HEAD, base_layer_of, min_layer_of
 from .weights import (
     hf_parameter_slices,
@@ -44,7 +44,7 @@ from .weights import (
 
 __all__ = [
     "EngineConfig", "LoRAEngineConfig", "EncoderRuntime", "GEMM_PATHS",
-    "EncoderCall", "EncoderResult", "EncoderSequence", "Logits", "QueryOnlySpec", "SequenceResult",
+    "EncoderCall", "EncoderResult", "EncoderSequence", "Logits", "LogitsDestination", "QueryOnlySpec", "SequenceResult",
     "NamedSlice", "add_scaled_directions", "fill_direction", "zo_update", "hf_parameter_slices",
     "method_perturb", "method_prepare", "method_update", "rank_method_perturb", "rank_method_prepare",
     "rank_method_state", "rank_method_update", "rank_set_method_state",

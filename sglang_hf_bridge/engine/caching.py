@@ -122,6 +122,9 @@ class EngineCaches:
     def forward(self, call: EncoderCall, run: Run) -> EncoderResult:
         if self.result is None:
             return self._with_frozen_plan(call, run)
+        # A stored result must own its logits (the caller's output rows are the caller's to change).
+        call = replace(call, sequences=[replace(s, logits_into=None) if s.logits_into is not None else s
+                                        for s in call.sequences])
         signature = call.output_signature()
         results: List[Optional[SequenceResult]] = [None] * len(call.sequences)
         todo: Dict[Hashable, int] = {}

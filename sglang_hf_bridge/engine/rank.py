@@ -27,6 +27,7 @@ from . import gemm
 from .adapters import AdapterPool
 from .config import EngineConfig, write_engine_config_dir
 from .frozen_cache import FrozenStateStore
+from .head_output import head_into_destinations
 from .packed_weights import PackedWeights
 from .scheduler import plan_chunks
 from .types import EncoderCall, EncoderResult, EncoderSequence, Logits, SequenceResult
@@ -228,9 +229,15 @@ class RankEngine:
         if call.vocab_ids is not None:
             vocab_ids = torch.as_tensor(call.vocab_ids, dtype=torch.long, device=hidden.device)
         # Gather every position that needs the head and run it once for the whole chunk (once per
-        # head where rows' adapters bring their own).
-        head_input = self._head_input(call, seqs, starts, hidden)
+        # head where rows' adapters bring their own) -- or, where the caller holds the output,
+        # group by group straight into it (.head_output).
         logits = qo_logits = None
+        into = call.logits is Logits.ALL and all(s.logits_into is not None for s in seqs)
+        if into:
+            width = self.model.config.vocab_size if vocab_ids is None else len(vocab_ids)
+            head_into_destinations(self._apply_head, seqs, starts, lens, hidden, out.query_only_last, vocab_ids,
+                                   width)
+        head_input = None if into else self._head_input(call, seqs, starts, hidden)
         counts = [_head_rows(call.logits, s, n) for s, n in zip(seqs, lens)]
         if out.query_only_last is not None and head_input is not None:
             # One head product over the rows and the query-only rows (not one each: the tied

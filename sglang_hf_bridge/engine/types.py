@@ -27,6 +27,27 @@ class EncoderSequence:
     # States entering the call's start_layer (from the frozen-layer cache), [len, H] / [n_query_only, H].
     initial_hidden: Optional[torch.Tensor] = None
     query_only_initial: Optional[torch.Tensor] = None
+    # Where this sequence's logits go when its caller holds the output (Logits.ALL only).
+    logits_into: Optional["LogitsDestination"] = None
+
+
+@dataclass
+class LogitsDestination:
+    """The caller's output rows for one sequence's logits (``forward``'s padded ``[T, V]`` row):
+    the head writes there chunk by chunk instead of handing back one ``[tokens, V]`` tensor the
+    caller would copy (for a masked LM the largest tensor of the call; docs/kernels.md).
+
+    ``rows``: the row of each real token; ``query_only_rows``: per query-only token, the rows it
+    stands for. Only the rank that holds ``tensor`` writes: pickled to another process (a
+    tensor-parallel worker) the tensor stays behind, the rows travel (every rank must group the
+    head's products the same way: its collectives run in lockstep)."""
+
+    tensor: Optional[torch.Tensor]
+    rows: List[int]
+    query_only_rows: List[List[int]] = field(default_factory=list)
+
+    def __getstate__(self):
+        return {**self.__dict__, "tensor": None}
 
 
 @dataclass

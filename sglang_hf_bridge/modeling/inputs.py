@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..engine import EncoderSequence, QueryOnlySpec
+from ..engine import EncoderSequence, LogitsDestination, QueryOnlySpec
+from ..engine.head_output import copy_rows
 from ..errors import InputValidationError
 from ..sglang_models.families import family_for
 
@@ -162,26 +163,35 @@ def ragged_batch(ids, mask, types, pos, with_query_only: bool) -> PreparedBatch:
 
 def scatter_rows(prepared: PreparedBatch, per_row_real, per_row_query, width: int, dtype, fill=0.0) -> torch.Tensor:
     """Rebuild a padded ``[B, T, width]`` tensor from per-row real-token and query-only values."""
+    return write_rows(padded_output(prepared, width, dtype, fill), prepared, per_row_real, per_row_query)
+
+
+def padded_output(prepared: PreparedBatch, width: int, dtype, fill=0.0) -> torch.Tensor:
+    """The ``[B, T, width]`` output of a padded batch; filled only where no row will be written."""
     B, T = prepared.shape
     covered = sum(len(prepared.real_index[b]) + sum(len(cols) for _, cols in prepared.padded_groups[b])
                   for b in range(B))
-    # Every position written below (real tokens and query-only groups): no fill pass over [B, T, V].
-    out = torch.empty((B, T, width), dtype=dtype) if covered == B * T else torch.full((B, T, width), fill, dtype=dtype)
-    for b in range(B):
-        _put_rows(out[b], prepared.real_index[b], per_row_real[b].to(dtype))
-        for slot, cols in prepared.padded_groups[b]:
-            out[b, cols] = per_row_query[b][slot].to(dtype)
+    # Every position written (real tokens and query-only groups): no fill pass over [B, T, V].
+    return torch.empty((B, T, width), dtype=dtype) if covered == B * T else torch.full((B, T, width), fill, dtype=dtype)
+
+
+def logits_destinations(prepared: PreparedBatch, out: torch.Tensor) -> None:
+    """Let the engine write each row's logits straight into ``out`` (engine/head_output.py)."""
+    for b, seq in enumerate(prepared.sequences):
+        seq.logits_into = LogitsDestination(out[b], prepared.real_index[b].tolist(),
+                                            [cols.tolist() for _, cols in prepared.padded_groups[b]])
+
+
+def write_rows(out: torch.Tensor, prepared: PreparedBatch, per_row_real, per_row_query) -> torch.Tensor:
+    """``out`` with each row's real-token and query-only values written (rows the engine already
+    wrote come back as None)."""
+    for b in range(prepared.shape[0]):
+        if per_row_real[b] is not None:
+            copy_rows(out[b], prepared.real_index[b], per_row_real[b].to(out.dtype))
+        if per_row_query[b] is not None:
+            for slot, cols in prepared.padded_groups[b]:
+                out[b, cols] = per_row_query[b][slot].to(out.dtype)
     return out
-
-
-def _put_rows(dst: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
-    """``dst[cols] = values``; a plain copy when ``cols`` is one run (a right- or left-padded row),
-    which is several times faster than an indexed write for ``[T, vocab]`` logits."""
-    n = len(cols)
-    if n and int(cols[-1]) - int(cols[0]) + 1 == n:
-        dst.narrow(0, int(cols[0]), n).copy_(values)
-    elif n:
-        dst.index_copy_(0, cols, values)
 
 
 def _integer_tensor(name: str, value) -> torch.Tensor:

@@ -13,7 +13,16 @@ from transformers.modeling_outputs import MaskedLMOutput
 from ..engine import EncoderCall, Logits
 from ..errors import InputValidationError
 from .base import SGLangPreTrainedModel
-from .inputs import scatter_rows, validate_and_prepare, validate_labels, validate_token_id, validate_vocab_ids
+from .inputs import (
+    logits_destinations,
+    padded_output,
+    scatter_rows,
+    validate_and_prepare,
+    validate_labels,
+    validate_token_id,
+    validate_vocab_ids,
+    write_rows,
+)
 
 
 class SGLangMaskedLM(SGLangPreTrainedModel):
@@ -64,10 +73,12 @@ class SGLangMaskedLM(SGLangPreTrainedModel):
         if labels is not None:
             labels = validate_labels(labels, prepared.shape, V)
         self._assign_adapters(prepared, adapter_names)
+        logits = padded_output(prepared, V, self.dtype)
+        logits_destinations(prepared, logits)  # the engine writes the logits straight into them
         call = EncoderCall(sequences=prepared.sequences, logits=Logits.ALL, output_hidden_states=output_hidden_states)
         result = self.runtime.forward(call)
         rows = result.sequences
-        logits = scatter_rows(prepared, [r.logits for r in rows], [r.query_only_logits for r in rows], V, self.dtype)
+        write_rows(logits, prepared, [r.logits for r in rows], [r.query_only_logits for r in rows])
         hidden_states = None
         if output_hidden_states:
             H = self.config.hidden_size

@@ -31,6 +31,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from torch import nn
 
 from .. import compat
+from .attention import query_only_attention, sequence_attention
 from .encoder_base import EncoderWithHeads
 from .forward_context import PassOutputs, QueryOnlyState, current_pass
 
@@ -99,16 +100,14 @@ class RobertaSelfAttention(nn.Module):
     def _sequence_attention(self, q, k, v, segments):
         """Bidirectional attention within each sequence, straight from this pass's q/k/v.
 
-        The same SDPA call SGLang's torch_native backend makes per request, without the round
+        The same SDPA SGLang's torch_native backend computes per request, without the round
         trip through the KV pool (write every K/V, gather them back): an encoder's K/V are never
         read again, so that round trip and the backend's per-request bookkeeping are pure overhead
-        (measured in docs/benchmarks.md, "Latency")."""
-        outs = []
-        for qs, ks, vs in zip(q.split(segments), k.split(segments), v.split(segments)):
-            qs, ks, vs = (t.view(-1, self.num_heads, self.head_dim).transpose(0, 1) for t in (qs, ks, vs))
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)
-            outs.append(o.transpose(0, 1).reshape(-1, self.q_size))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        (measured in docs/benchmarks.md, "Latency"). One call per run of equal lengths (:mod:`.attention`)."""
+        return sequence_attention(*(self._heads(t) for t in (q, k, v)), segments, self.scaling)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, self.num_heads, self.head_dim)
 
     def _query_only_attention(self, query_only: QueryOnlyState, k, v):
         """Attention of padded positions: they query the real tokens of their row, nobody
@@ -118,17 +117,9 @@ class RobertaSelfAttention(nn.Module):
         return _query_only_linear(self.o_proj, out, query_only.lora)
 
     def query_only_attend(self, q, key_segments, k, v):
-        """Query-only rows' attention output (before ``o_proj``) from their queries ``q``."""
-        outs, first = [], 0
-        # Each sequence's query-only tokens attend to its real tokens: one SDPA per sequence, no
-        # gather of keys per query and no mask.
-        for count, start, length in key_segments:
-            qs, ks, vs = (t.view(-1, self.num_heads, self.head_dim).transpose(0, 1)
-                          for t in (q[first:first + count], k[start:start + length], v[start:start + length]))
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling).transpose(0, 1))
-            first += count
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.reshape(-1, self.q_size)
+        """Query-only rows' attention output (before ``o_proj``) from their queries ``q``: each
+        sequence's query-only tokens attend to its real tokens (no gather of keys per query, no mask)."""
+        return query_only_attention(self._heads(q), key_segments, self._heads(k), self._heads(v), self.scaling)
 
 
 def _query_only_linear(layer, x, lora, n_slices: int = 1):

@@ -27,6 +27,7 @@ from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from torch import nn
 
+from .attention import query_only_attention, sequence_attention
 from .encoder import _query_only_linear
 from .encoder_base import EncoderWithHeads
 from .forward_context import PassOutputs, QueryOnlyState, current_pass
@@ -159,14 +160,12 @@ class ModernBertSelfAttention(nn.Module):
                 raise RuntimeError("a sliding-window ModernBERT layer cannot run on SGLang's attention backend; "
                                    "use encoder_attention='sdpa'")
             out = self.attn(q.flatten(1), k.flatten(1), v.flatten(1), forward_batch)
+        elif self.window is None:
+            out = sequence_attention(q, k, v, segments, self.scaling)
         else:
             outs = []
             for qs, ks, vs in zip(q.split(segments), k.split(segments), v.split(segments)):
-                qs, ks, vs = (t.transpose(0, 1) for t in (qs, ks, vs))
-                if self.window is None:
-                    o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)
-                else:
-                    o = windowed_attention(qs, ks, vs, self.window, self.scaling)
+                o = windowed_attention(*(t.transpose(0, 1) for t in (qs, ks, vs)), self.window, self.scaling)
                 outs.append(o.transpose(0, 1).reshape(-1, self.q_size))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         out = self.o_proj(out)[0]
@@ -184,6 +183,9 @@ class ModernBertSelfAttention(nn.Module):
         one with none in reach gets a zero attention output, as torch's SDPA gives transformers)."""
         qkv = _query_only_linear(self.qkv_proj, query_only.states, query_only.lora, n_slices=3)
         q = apply_rotary(self._heads(qkv[:, : self.q_size]), *rope)
+        if self.window is None:
+            out = query_only_attention(q, query_only.key_segments, k, v, self.scaling)
+            return _query_only_linear(self.o_proj, out, query_only.lora)
         outs, first = [], 0
         for count, start, length in query_only.key_segments:
             qs = q[first:first + count].transpose(0, 1)
