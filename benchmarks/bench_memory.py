@@ -39,6 +39,9 @@ from _common import REPO, report  # noqa: E402
 # name -> (case, from_pretrained keywords of the engine)
 CASES = {
     "transformers sdpa (LM head at the mask)": ("hf", {}),
+    "transformers sdpa, forward (logits at every position)": ("hf", {"task": "forward"}),
+    'engine, "sdpa", enable_lora=False, forward (logits at every position)':
+        ("engine", {"encoder_attention": "sdpa", "enable_lora": False, "task": "forward"}),
     'engine, encoder_attention="sdpa" (CPU default)': ("engine", {"encoder_attention": "sdpa"}),
     'engine, "sdpa", enable_lora=False': ("engine", {"encoder_attention": "sdpa", "enable_lora": False}),
     'engine, "sdpa", enable_lora=False, gemm="onednn" (no packed weight copies)':
@@ -52,6 +55,7 @@ sys.path.insert(0, {bench!r})
 from _common import TOKENIZER_DIR, prompts, roberta_base_checkpoint
 from transformers import AutoTokenizer
 case, options = {case!r}, {options!r}
+task = options.pop("task", "mask")
 ckpt = roberta_base_checkpoint()
 tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 batch = tok(prompts(32), return_tensors="pt", padding=True)
@@ -71,8 +75,11 @@ if case == "hf":
     reset_peak()
     with torch.inference_mode():
         for _ in range(2):
-            hidden = model.roberta(**batch)[0]
-            model.lm_head(hidden[batch["input_ids"] == tok.mask_token_id])
+            if task == "forward":
+                model(**batch).logits
+            else:
+                hidden = model.roberta(**batch)[0]
+                model.lm_head(hidden[batch["input_ids"] == tok.mask_token_id])
 else:
     from sglang_hf_bridge import SGLangRobertaForMaskedLM, log_control
     log_control.import_sglang_quietly()  # what from_pretrained imports first, counted apart
@@ -82,7 +89,7 @@ else:
     parts("load")
     reset_peak()
     for _ in range(2):  # the second call runs in the steady state (the packed GEMM path's copies made)
-        model.compute_mlm_logits(**batch)
+        model(**batch).logits if task == "forward" else model.compute_mlm_logits(**batch)
     out["gemm"] = model.runtime.config.gemm
 out["call_peak_mib"] = peak_since_reset()
 out["rss_after_call_mib"] = rss()
@@ -112,8 +119,8 @@ def main() -> None:
         row = {"model": name, "gemm": "", **json.loads(r.stdout.strip().splitlines()[-1])}
         print(f"{name}: {row}", flush=True)
         rows.append(row)
-    base = rows[0]
     for row in rows:
+        base = rows[1] if "forward" in row["model"] else rows[0]  # transformers on the same task
         row["load_vs_transformers"] = row["rss_after_load_mib"] / base["rss_after_load_mib"]
         row["call_vs_transformers"] = row["rss_after_call_mib"] / base["rss_after_call_mib"]
         row["peak_vs_transformers"] = row["peak_rss_mib"] / base["peak_rss_mib"]
