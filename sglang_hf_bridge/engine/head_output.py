@@ -1,7 +1,7 @@
 """A head's logits at every position, written straight into the caller's output rows.
 
 Why: a masked LM's ``forward`` returns ``[B, T, vocabulary]`` logits, the largest tensor of the
-call (roberta-base, 32 prompts: ~200 MB in float32). Computed in one product and copied into the
+call (roberta-base, 32 SST-2 prompts: 200-313 MiB in float32). Computed in one product and copied into the
 padded output by the caller, it is allocated twice; a block that large is mapped fresh by the C
 allocator on every call, so each call also pays a page fault per 4 KiB of it (measured: the
 faults alone were ~20% of a float32 batch-32 forward on a 2-core EPYC). Here the head runs over
