@@ -13,6 +13,7 @@ count of each product changes (as any change of batch does).
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -58,7 +59,7 @@ def head_into_destinations(apply_head: Callable[..., torch.Tensor], seqs: List[E
     counts)``, group by group, into each sequence's ``logits_into`` (skipped where the tensor
     stayed in another process)."""
     n_query = [len(s.query_only or []) for s in seqs]
-    query_starts = [sum(n_query[:i]) for i in range(len(seqs))]
+    query_starts = [0, *accumulate(n_query)]  # each sequence's first query-only row
     counts = [n + q for n, q in zip(lens, n_query)]
     max_rows = max(1, HEAD_OUTPUT_BYTES // (width * hidden.element_size()))
     for group in sequence_groups(counts, max_rows):
